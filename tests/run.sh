@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The project's test command (`bash tests/run.sh [pytest args]`), from any folder:
+# sets up and builds alr, prints what was built, then runs the test suite.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source tests/setup_env.sh
+
+# A broken import is not fatal here: pytest runs next and reports it in detail.
+python -c "import json, alr._extension as ext; print('build_info:', json.dumps(ext.build_info()))" \
+  || echo "build_info: alr._extension could not be imported"
+exec python -m pytest -q tests "$@"

@@ -1,0 +1,104 @@
+"""The build of record produced what it promises.
+
+``alr._C`` is built, loads and reports itself honestly; the Triton folder is installed
+as ``alr.kernels`` and never as a top-level ``kernels`` package; and the CMake developer
+build of the same sources still configures and compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alr import _extension
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _package_version() -> str:
+    text = (ROOT / "alr" / "__init__.py").read_text(encoding="utf-8")
+    match = re.search(r"^__version__\s*=\s*[\"']([^\"']+)[\"']", text, re.MULTILINE)
+    assert match is not None, "alr/__init__.py does not define __version__"
+    return match.group(1)
+
+
+def _run_python(code: str, cwd: Path) -> str:
+    """Runs ``code`` in a fresh interpreter that sees only what is installed.
+
+    ``-I`` drops the current folder and PYTHONPATH from sys.path, so the repository's
+    source folders are found only if the install put them there.
+    """
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=cwd, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_cpu_extension_is_built() -> None:
+    info = _extension.build_info()
+    assert info["cpu_extension"] is True, info["errors"]
+    assert _extension.load_cpu_extension() is not None
+    assert _extension.cpu_extension_error() is None
+
+
+def test_build_info_reports_versions_and_compiler() -> None:
+    info = _extension.build_info()
+    assert info["version"] == _package_version()
+    # The C++ side reports the torch headers it was compiled against: X.Y.Z, no local tag.
+    assert info["torch_version"] == re.match(r"\d+\.\d+\.\d+", torch.__version__).group()
+    assert info["cxx_compiler"]
+    # Without OpenMP, at::parallel_for in the CPU kernels would run on one thread.
+    assert info["openmp"] is sys.platform.startswith("linux")
+    assert all(name.startswith("alr::") for name in info["cpu_kernels"])
+    json.dumps(info)  # tests/run.sh prints it as JSON
+
+
+def test_extension_errors_match_loaded_modules() -> None:
+    info = _extension.build_info()
+    cuda_module = _extension.load_cuda_extension()
+    assert info["cuda_extension"] is (cuda_module is not None)
+    assert (_extension.cuda_extension_error() is None) is (cuda_module is not None)
+    assert info["errors"].get("cuda") == _extension.cuda_extension_error()
+
+
+def test_kernels_installed_only_as_alr_kernels(tmp_path: Path) -> None:
+    code = (
+        "import importlib.util, json, alr.kernels\n"
+        "ok, reason = alr.kernels.is_available()\n"
+        "print(json.dumps({'top_level_kernels': importlib.util.find_spec('kernels') is not None,"
+        " 'ok': ok, 'reason': reason}))"
+    )
+    result = json.loads(_run_python(code, cwd=tmp_path))
+    assert result["top_level_kernels"] is False
+    assert isinstance(result["ok"], bool)
+    assert (result["reason"] is None) is result["ok"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("cmake") is None or shutil.which("ninja") is None, reason="needs cmake and ninja"
+)
+def test_cmake_developer_build_compiles() -> None:
+    """CMakeLists.txt is used by nobody's pip install, so this keeps it from rotting.
+
+    The build folder persists under build/ so that a re-run only checks it is up to date.
+    """
+    build_dir = ROOT / "build" / "cmake-test"
+    python = f"-DPython_EXECUTABLE={sys.executable}"
+    commands = (
+        ["cmake", "-S", ROOT, "-B", build_dir, "-G", "Ninja", python],
+        ["cmake", "--build", build_dir],
+    )
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert list(build_dir.glob("_C*.so"))
+    assert (build_dir / "compile_commands.json").is_file()
