@@ -1,0 +1,118 @@
+"""Backend names, availability and resolution: the only module that knows the backends.
+
+A backend is a module exposing ``grad_stats``, ``hypergrad_stats`` and ``update`` with the
+signatures of :mod:`alr.reference`, which is always available and is the oracle.
+
+Resolution, per (device, dtype) bucket:
+
+* ``"auto"`` picks the fastest available backend for the device (CPU: ``cpu``; CUDA:
+  ``cuda``, then ``triton``) and falls back to ``reference`` with a one-time
+  :class:`ALRBackendFallbackWarning` giving the reason;
+* an explicit name that is unavailable raises, with the reason;
+* the ``ALR_BACKEND`` environment variable replaces the default ``"auto"``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+from typing import Literal
+
+import torch
+
+from . import reference
+
+__all__ = [
+    "BACKENDS",
+    "ALRBackendFallbackWarning",
+    "available_backends",
+    "backend_unavailable_reason",
+    "check_backend_name",
+    "resolve",
+]
+
+BackendName = Literal["auto", "reference", "cpu", "cuda", "triton"]
+BACKENDS: tuple[str, ...] = ("reference", "cpu", "cuda", "triton")
+_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
+_AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+_ENV_VAR = "ALR_BACKEND"
+
+_warned_fallbacks: set[str] = set()
+
+
+class ALRBackendFallbackWarning(UserWarning):
+    """``backend="auto"`` found no native kernel for a device and used the reference."""
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run in this process (``reference`` always)."""
+    return [name for name in BACKENDS if backend_unavailable_reason(name) is None]
+
+
+def backend_unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run here, or None when it can."""
+    check_backend_name(name)
+    if name == "reference":
+        return None
+    # The native kernels arrive with later issues (cpu: #4, triton: #5, cuda: #6); until a
+    # kernel module registers itself here, the reason is the plain fact.
+    return f"the {name!r} backend is not part of this build of alr (only 'reference' is)"
+
+
+def check_backend_name(name: str) -> None:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"Invalid backend: {name!r}. Expected 'auto' or one of {list(BACKENDS)}")
+
+
+def default_backend() -> str:
+    """``ALR_BACKEND`` if set, else ``"auto"``."""
+    name = os.environ.get(_ENV_VAR, "auto")
+    check_backend_name(name)
+    return name
+
+
+def check_device(name: str, device: torch.device) -> None:
+    """Raise when an explicitly named backend cannot handle tensors on ``device``."""
+    allowed = _DEVICE_TYPES.get(name)
+    if allowed is not None and device.type not in allowed:
+        raise ValueError(
+            f"backend={name!r} runs on {' or '.join(allowed)} tensors, but a parameter is on {device}"
+        )
+
+
+def resolve(requested: str, device: torch.device) -> ModuleType:
+    """The implementation module for one bucket on ``device``."""
+    name = default_backend() if requested == "auto" else requested
+    if name != "auto":
+        check_device(name, device)
+        reason = backend_unavailable_reason(name)
+        if reason is not None:
+            raise RuntimeError(f"alr backend {name!r} is unavailable: {reason}")
+        return _module(name)
+    for candidate in _AUTO_ORDER.get(device.type, ()):
+        if backend_unavailable_reason(candidate) is None:
+            return _module(candidate)
+    _warn_fallback(device)
+    return reference
+
+
+def _module(name: str) -> ModuleType:
+    if name == "reference":
+        return reference
+    raise AssertionError(f"backend {name!r} reported available but has no module")
+
+
+def _warn_fallback(device: torch.device) -> None:
+    if device.type in _warned_fallbacks or device.type not in _AUTO_ORDER:
+        return
+    _warned_fallbacks.add(device.type)
+    reasons = "; ".join(
+        f"{name}: {backend_unavailable_reason(name)}" for name in _AUTO_ORDER[device.type]
+    )
+    warnings.warn(
+        f"alr: no native backend for {device.type} tensors ({reasons}); using the "
+        "pure-PyTorch 'reference' backend",
+        ALRBackendFallbackWarning,
+        stacklevel=4,
+    )

@@ -1,0 +1,146 @@
+"""Functional form of one ALR step: statistics, learning-rate adaptation, update, dispatch.
+
+:class:`alr.ALROptimizer` gathers its parameters into :class:`GroupWork` records and calls
+:func:`alr_step`. This module groups nothing itself (the optimizer builds one
+:class:`~alr.bucket.Bucket` per (device, dtype) of each group), resolves one backend per
+bucket through :mod:`alr.backends`, and combines the per-tensor statistics the backends
+return into the device-resident scalars: the clip coefficient, the skip flag and κ. The
+math of that combination is :mod:`alr.reference`'s, whatever the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from .bucket import Bucket, GroupHyper
+
+__all__ = ["GroupWork", "alr_step"]
+
+
+@dataclass
+class GroupWork:
+    """One param group's share of a step.
+
+    Attributes:
+        hyper: the group's hyper-parameters.
+        buckets: its parameters with gradients, one bucket per (device, dtype).
+        kappa: float32 multiplier κ, shape ``[]`` (group scope) or ``[len(group params)]``
+            (tensor scope, indexed by ``Bucket.positions``); updated in place.
+        backend: the requested backend name (``"auto"`` or a name of ``alr.backends``).
+    """
+
+    hyper: GroupHyper
+    buckets: list[Bucket]
+    kappa: Tensor
+    backend: str
+
+
+def alr_step(
+    groups: list[GroupWork],
+    *,
+    grad_norm: Tensor,
+    skipped_steps: Tensor,
+    max_grad_norm: float | None,
+    skip_nonfinite: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Run one optimizer step over ``groups`` without synchronising with the host.
+
+    Args:
+        grad_norm: 0-d float32; receives the global norm of the unscaled gradients when the
+            statistics pre-pass runs (``max_grad_norm`` set or ``skip_nonfinite``).
+        skipped_steps: 0-d int64 counter, incremented in place when the step is skipped.
+        max_grad_norm: clip the global gradient norm to this value, or None.
+        skip_nonfinite: skip the whole step when any gradient element is inf or nan.
+        grad_scale, found_inf: handed over by :class:`torch.amp.GradScaler`.
+    """
+    impls = {id(b): backends.resolve(g.backend, b.device) for g in groups for b in g.buckets}
+    stats_device = grad_norm.device
+    clip_coef, skip = None, None
+    if max_grad_norm is not None or skip_nonfinite:
+        per_tensor = torch.cat(
+            [
+                impls[id(b)].grad_stats(b, _on(grad_scale, b.device)).to(stats_device)
+                for g in groups
+                for b in g.buckets
+            ]
+        )
+        grad_norm.copy_(per_tensor[:, 0].sum().sqrt())
+        if max_grad_norm is not None:
+            clip_coef = reference.clip_coefficient(grad_norm, max_grad_norm)
+        if skip_nonfinite:
+            skip = per_tensor[:, 1].sum() > 0
+    if found_inf is not None:
+        found = found_inf.to(stats_device) > 0
+        skip = found if skip is None else skip | found
+    if skip is not None:
+        skipped_steps.add_(skip.to(skipped_steps.dtype))
+
+    for group in groups:
+        _step_group(group, impls, grad_scale, clip_coef, skip)
+
+
+def _step_group(
+    group: GroupWork,
+    impls: dict,
+    grad_scale: Tensor | None,
+    clip_coef: Tensor | None,
+    skip: Tensor | None,
+) -> None:
+    hyper = group.hyper
+    if hyper.adapts and hyper.hypergrad_exact:
+        stats = [
+            impls[id(b)].hypergrad_stats(b, hyper, _on(grad_scale, b.device), _on(clip_coef, b.device))
+            for b in group.buckets
+        ]
+        _adapt(group, stats, skip)
+    collect = hyper.adapts and not hyper.hypergrad_exact
+    stats = [
+        impls[id(b)].update(
+            b,
+            hyper,
+            _alphas(group, b),
+            _on(grad_scale, b.device),
+            _on(clip_coef, b.device),
+            _on(skip, b.device),
+            collect,
+        )
+        for b in group.buckets
+    ]
+    if collect:
+        _adapt(group, stats, skip)
+
+
+def _alphas(group: GroupWork, bucket: Bucket) -> Tensor:
+    """Effective learning rates ``κ·lr`` of the bucket's tensors, float64 ``[len(bucket)]``."""
+    kappa = group.kappa
+    if kappa.dim() == 0:
+        kappa = kappa.expand(len(bucket))
+    else:
+        kappa = kappa[torch.tensor(bucket.positions, device=kappa.device)]
+    lr = group.hyper.lr
+    if isinstance(lr, Tensor):
+        lr = lr.to(device=bucket.device, dtype=torch.float64).reshape(())
+    return kappa.to(bucket.device).double() * lr
+
+
+def _adapt(group: GroupWork, stats: list[Tensor], skip: Tensor | None) -> None:
+    """Sum the per-tensor hypergradient statistics over each scope and update κ."""
+    kappa = group.kappa
+    if kappa.dim() == 0:
+        scoped = torch.cat([s.to(kappa.device) for s in stats]).sum(0)
+    else:
+        scoped = torch.zeros(kappa.numel(), 3, dtype=kappa.dtype, device=kappa.device)
+        for bucket, s in zip(group.buckets, stats):
+            positions = torch.tensor(bucket.positions, device=kappa.device)
+            scoped.index_copy_(0, positions, s.to(kappa.device))
+    kappa.copy_(reference.adapt_kappa(kappa, scoped, group.hyper.lr, group.hyper, _on(skip, kappa.device)))
+
+
+def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if t is None else t.to(device, non_blocking=True)

@@ -1,0 +1,448 @@
+r"""ALROptimizer: a ``torch.optim.Optimizer`` for Adam, AdamW and SGD with a fused step.
+
+The class owns validation, lazy state and the state-dict layout; the step itself is
+:func:`alr.functional.alr_step`, whose math is stated in :mod:`alr.reference`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from . import backends
+from .bucket import Bucket, GroupHyper
+from .functional import GroupWork, alr_step
+from .reference import STATS_DTYPE
+
+__all__ = ["ALROptimizer", "ALRStats"]
+
+ALGORITHMS = ("adam", "adamw", "sgd")
+HYPERGRAD_MODES = ("mult", "add", "off")
+HYPERGRAD_SCOPES = ("group", "tensor")
+
+DEFAULT_HYPERGRAD_LR = {"mult": 0.02, "add": {"adam": 1e-7, "sgd": 1e-3}, "off": 0.0}
+"""Defaults until the convergence benchmark (issue #3) chooses them: ``mult`` 0.02 (a
+dimensionless rate; Martínez Rubio used 0.05), ``add`` the paper's values for Adam and SGD."""
+
+KAPPA_KEY = "hypergrad_kappa"
+"""Param-group key of κ: a float32 tensor of shape [] (group scope) or [len(params)]."""
+
+PREV_DIRECTION_KEY = "hypergrad_prev_direction"
+"""Per-parameter state key of ``d_{t-1}`` for SGD without momentum and Nesterov SGD."""
+
+STATE_DICT_KEY = "alr"
+"""Top-level ``state_dict`` key of the optimizer-wide telemetry (ignored by torch.optim)."""
+
+
+@dataclass(frozen=True)
+class ALRStats:
+    """Device tensors for logging; reading them is the only place a host sync may happen.
+
+    Attributes:
+        kappa: per param group, κ of each parameter (float32, shape ``[len(params)]``;
+            all equal under ``hypergrad_scope="group"``).
+        effective_lr: per param group, ``κ·lr`` of each parameter (same shapes).
+        grad_norm: global L2 norm of the unscaled gradients at the last step that ran the
+            statistics pre-pass (``max_grad_norm`` or ``skip_nonfinite``); NaN before.
+        skipped_steps: number of steps skipped for nonfinite gradients (int64).
+    """
+
+    kappa: list[Tensor]
+    effective_lr: list[Tensor]
+    grad_norm: Tensor
+    skipped_steps: Tensor
+
+
+class ALROptimizer(Optimizer):
+    r"""Adam, AdamW or SGD with fused gradient statistics and an adaptive learning rate.
+
+    The update is ``torch.optim``'s, with the effective learning rate :math:`\alpha = \kappa
+    \cdot lr`: ``lr`` stays the param group's (schedulers keep working) and the multiplier
+    :math:`\kappa` (starting at 1) is adapted online by hypergradient descent. Global
+    gradient clipping, nonfinite-step skipping and GradScaler unscaling run inside the step.
+    The full algorithm is the docstring of :mod:`alr.reference`.
+
+    Args:
+        params: iterable of parameters, named parameters or param-group dicts.
+        lr: learning rate (float or 1-element tensor).
+        algorithm: ``"adam"`` (coupled L2 decay), ``"adamw"`` (decoupled decay) or ``"sgd"``.
+        betas, eps, amsgrad: Adam's (ignored by SGD).
+        weight_decay: decay factor; default 1e-2 for ``adamw`` and 0 otherwise.
+        momentum, dampening, nesterov: SGD's (ignored by Adam).
+        maximize: maximise the objective instead of minimising it.
+        hypergrad: ``"mult"`` (cosine-normalised multiplicative update of κ), ``"add"``
+            (the paper's additive rule) or ``"off"`` (κ ≡ 1: exactly torch).
+        hypergrad_lr: the hyper-learning-rate β; default 0.02 for ``mult``, and for ``add``
+            the paper's 1e-7 (Adam) or 1e-3 (SGD).
+        hypergrad_scope: one κ per param ``"group"`` or per parameter ``"tensor"``.
+        hypergrad_exact: adapt κ from a read-only pre-pass and use it in the same step
+            (the paper's algorithm) instead of the one-pass default, whose statistics of
+            step t adapt κ for step t + 1. Costs one more read of grads and state.
+        kappa_min, kappa_max: bounds of κ.
+        max_grad_norm: clip the global gradient norm (over every group) to this value,
+            as ``torch.nn.utils.clip_grad_norm_`` would; None disables clipping.
+        skip_nonfinite: skip the whole step (leaving everything bit-identical) when any
+            gradient element is inf or nan. Like clipping, this needs a read-only pre-pass
+            over the gradients (4 bytes per fp32 element, +14% traffic for AdamW).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; the
+            ``ALR_BACKEND`` environment variable replaces ``"auto"``.
+        foreach, fused, capturable: accepted for compatibility with ``torch.optim``; alr
+            always runs one fused multi-tensor implementation per (device, dtype) chosen by
+            ``backend``, and its step is always capturable (device-resident scalars).
+        differentiable: must be False: the fused step does not build an autograd graph.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        *,
+        algorithm: str = "adamw",
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float | None = None,
+        amsgrad: bool = False,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        maximize: bool = False,
+        hypergrad: str = "mult",
+        hypergrad_lr: float | None = None,
+        hypergrad_scope: str = "group",
+        hypergrad_exact: bool = False,
+        kappa_min: float = 1e-3,
+        kappa_max: float = 1e2,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = True,
+        backend: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"Invalid algorithm: {algorithm!r}. Expected one of {list(ALGORITHMS)}")
+        family = "sgd" if algorithm == "sgd" else "adam"
+        if weight_decay is None:
+            weight_decay = 1e-2 if algorithm == "adamw" else 0.0
+        if hypergrad_lr is None and hypergrad in HYPERGRAD_MODES:
+            default = DEFAULT_HYPERGRAD_LR[hypergrad]
+            hypergrad_lr = default[family] if isinstance(default, dict) else default
+        _check_torch_flags(foreach=foreach, fused=fused, differentiable=differentiable)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+
+        defaults: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+        if family == "adam":
+            _check_adam_args(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
+            defaults.update(betas=tuple(_to_float(b) for b in betas), eps=eps, amsgrad=amsgrad)
+        else:
+            _check_sgd_args(lr, momentum, weight_decay)
+            defaults.update(momentum=momentum, dampening=dampening, nesterov=nesterov)
+        defaults.update(
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            hypergrad=hypergrad,
+            hypergrad_lr=hypergrad_lr,
+            hypergrad_scope=hypergrad_scope,
+            hypergrad_exact=hypergrad_exact,
+            kappa_min=kappa_min,
+            kappa_max=kappa_max,
+            backend=backend,
+        )
+        if family == "adam":
+            defaults["decoupled_weight_decay"] = algorithm == "adamw"
+        self.algorithm = family
+        self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = skip_nonfinite
+        self._telemetry: dict[str, Tensor] | None = None
+        super().__init__(params, defaults)
+        # GradScaler hands its scale and found_inf to step() instead of unscaling separately.
+        self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_group(group, self.algorithm)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(
+            algorithm=self.algorithm,
+            max_grad_norm=self.max_grad_norm,
+            skip_nonfinite=self.skip_nonfinite,
+            _telemetry=self._telemetry,
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_telemetry", None)
+        self._step_supports_amp_scaling = True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step (no host synchronisation).
+
+        Args:
+            closure: re-evaluates the model and returns the loss; run with grad enabled.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        works = [work for group in self.param_groups if (work := self._group_work(group))]
+        if not works:
+            return loss
+        telemetry = self._telemetry_on(works[0].buckets[0].device)
+        alr_step(
+            works,
+            grad_norm=telemetry["grad_norm"],
+            skipped_steps=telemetry["skipped_steps"],
+            max_grad_norm=self.max_grad_norm,
+            skip_nonfinite=self.skip_nonfinite,
+            grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None),
+        )
+        return loss
+
+    def stats(self) -> ALRStats:
+        """The adaptive scalars as device tensors (see :class:`ALRStats`)."""
+        kappas, lrs = [], []
+        for group in self.param_groups:
+            kappa = self._kappa(group)
+            kappa = kappa.expand(len(group["params"])) if kappa.dim() == 0 else kappa
+            lr = group["lr"]
+            lr = lr.to(kappa.device).reshape(()) if isinstance(lr, Tensor) else lr
+            kappas.append(kappa.clone())
+            lrs.append(kappa * lr)
+        device = self.param_groups[0]["params"][0].device
+        telemetry = self._telemetry or _new_telemetry(device)
+        return ALRStats(kappas, lrs, telemetry["grad_norm"].clone(), telemetry["skipped_steps"].clone())
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        if self._telemetry is not None:
+            state_dict[STATE_DICT_KEY] = {k: v.clone() for k, v in self._telemetry.items()}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load an alr or a ``torch.optim`` state dict (missing ALR state starts fresh)."""
+        state_dict = dict(state_dict)
+        telemetry = state_dict.pop(STATE_DICT_KEY, None)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for name, default in self.defaults.items():
+                group.setdefault(name, default)
+            for p in group["params"]:
+                step = self.state.get(p, {}).get("step")
+                if isinstance(step, Tensor):
+                    self.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+                elif step is not None:
+                    self.state[p]["step"] = torch.tensor(float(step), device=p.device)
+        if telemetry is not None:
+            device = self.param_groups[0]["params"][0].device
+            self._telemetry = {k: v.to(device) for k, v in telemetry.items()}
+
+    def _group_work(self, group: dict[str, Any]) -> GroupWork | None:
+        """Lazily initialise state and bucket the group's parameters by (device, dtype)."""
+        hyper = _group_hyper(group, self.algorithm)
+        buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
+        for position, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            _check_grad(p, group, position)
+            if group["backend"] != "auto":
+                backends.check_device(group["backend"], p.device)
+            state = self._init_state(p, hyper)
+            bucket = buckets.setdefault((p.device, p.dtype), Bucket([], [], []))
+            bucket.params.append(p)
+            bucket.grads.append(p.grad)
+            bucket.steps.append(state["step"])
+            bucket.positions.append(position)
+            if hyper.algorithm == "adam":
+                bucket.exp_avgs.append(state["exp_avg"])
+                bucket.exp_avg_sqs.append(state["exp_avg_sq"])
+                if hyper.amsgrad:
+                    bucket.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            elif hyper.momentum != 0:
+                bucket.momentum_buffers.append(state["momentum_buffer"])
+            if hyper.needs_prev_direction:
+                bucket.prev_directions.append(state[PREV_DIRECTION_KEY])
+        if not buckets:
+            return None
+        return GroupWork(hyper, list(buckets.values()), self._kappa(group), group["backend"])
+
+    def _init_state(self, p: Tensor, hyper: GroupHyper) -> dict[str, Any]:
+        state = self.state[p]
+        if "step" not in state:
+            # A torch.optim.SGD checkpoint has no step; a momentum buffer means one was taken.
+            started = isinstance(state.get("momentum_buffer"), Tensor)
+            state["step"] = torch.tensor(float(started), dtype=torch.float32, device=p.device)
+        keys = []
+        if hyper.algorithm == "adam":
+            keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hyper.amsgrad else [])
+        elif hyper.momentum != 0:
+            keys = ["momentum_buffer"]
+        if hyper.needs_prev_direction:
+            keys.append(PREV_DIRECTION_KEY)
+        for key in keys:
+            if state.get(key) is None:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _kappa(self, group: dict[str, Any]) -> Tensor:
+        """The group's κ; a transient 1 when the adaptation is off (nothing is stored)."""
+        device = group["params"][0].device
+        shape = () if group["hypergrad_scope"] == "group" else (len(group["params"]),)
+        if group["hypergrad"] == "off":
+            return torch.ones(shape, dtype=STATS_DTYPE, device=device)
+        kappa = group.get(KAPPA_KEY)
+        if not isinstance(kappa, Tensor) or kappa.shape != shape:
+            kappa = torch.ones(shape, dtype=STATS_DTYPE, device=device)
+        group[KAPPA_KEY] = kappa.to(device=device, dtype=STATS_DTYPE)
+        return group[KAPPA_KEY]
+
+    def _telemetry_on(self, device: torch.device) -> dict[str, Tensor]:
+        if self._telemetry is None:
+            self._telemetry = _new_telemetry(device)
+        self._telemetry = {k: v.to(device) for k, v in self._telemetry.items()}
+        return self._telemetry
+
+
+def _new_telemetry(device: torch.device) -> dict[str, Tensor]:
+    return {
+        "grad_norm": torch.full((), math.nan, dtype=STATS_DTYPE, device=device),
+        "skipped_steps": torch.zeros((), dtype=torch.int64, device=device),
+    }
+
+
+def _group_hyper(group: dict[str, Any], algorithm: str) -> GroupHyper:
+    common = dict(
+        algorithm=algorithm,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        maximize=group["maximize"],
+        hypergrad=group["hypergrad"],
+        hypergrad_lr=group["hypergrad_lr"],
+        hypergrad_scope=group["hypergrad_scope"],
+        hypergrad_exact=group["hypergrad_exact"],
+        kappa_min=group["kappa_min"],
+        kappa_max=group["kappa_max"],
+    )
+    if algorithm == "adam":
+        return GroupHyper(
+            **common,
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            betas=tuple(_to_float(b) for b in group["betas"]),
+            eps=group["eps"],
+            amsgrad=group["amsgrad"],
+        )
+    return GroupHyper(
+        **common, momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"]
+    )
+
+
+def _check_group(group: dict[str, Any], algorithm: str) -> None:
+    """Validate a param group's ALR options and its parameters' dtypes."""
+    if group["hypergrad"] not in HYPERGRAD_MODES:
+        raise ValueError(f"Invalid hypergrad: {group['hypergrad']!r}. Expected one of {list(HYPERGRAD_MODES)}")
+    if group["hypergrad_scope"] not in HYPERGRAD_SCOPES:
+        raise ValueError(
+            f"Invalid hypergrad_scope: {group['hypergrad_scope']!r}. Expected one of {list(HYPERGRAD_SCOPES)}"
+        )
+    if not group["hypergrad_lr"] >= 0:
+        raise ValueError(f"Invalid hypergrad_lr value: {group['hypergrad_lr']}")
+    if not 0 <= group["kappa_min"] <= group["kappa_max"]:
+        raise ValueError(f"Invalid kappa bounds: [{group['kappa_min']}, {group['kappa_max']}]")
+    backends.check_backend_name(group["backend"])
+    if group["differentiable"]:
+        raise RuntimeError("alr does not support differentiable=True: its fused step builds no autograd graph")
+    if algorithm == "sgd" and group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    for p in group["params"]:
+        if p.is_complex():
+            raise TypeError(
+                "alr does not support complex parameters; optimize torch.view_as_real(p) instead"
+            )
+        if not p.is_floating_point():
+            raise TypeError(f"alr can only optimize floating-point tensors, but got {p.dtype}")
+        if group["backend"] != "auto":
+            backends.check_device(group["backend"], p.device)
+
+
+def _check_grad(p: Tensor, group: dict[str, Any], position: int) -> None:
+    grad = p.grad
+    name = group["param_names"][position] if "param_names" in group else f"params[{position}]"
+    if grad.is_sparse:
+        raise RuntimeError(f"alr does not support sparse gradients, but {name} has one")
+    if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+        raise RuntimeError(
+            f"the gradient of {name} ({grad.dtype}, {tuple(grad.shape)}, {grad.device}) does not "
+            f"match the parameter ({p.dtype}, {tuple(p.shape)}, {p.device})"
+        )
+
+
+def _check_torch_flags(*, foreach: bool | None, fused: bool | None, differentiable: bool) -> None:
+    if fused and differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def _check_adam_args(lr, betas, eps, weight_decay, *, foreach, capturable) -> None:
+    """torch.optim.Adam's checks, with its exception types and messages."""
+    if isinstance(lr, Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    for index in (0, 1):
+        if not 0.0 <= betas[index] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {betas[index]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for index in (0, 1):
+        if isinstance(betas[index], Tensor):
+            if not capturable and foreach:
+                raise ValueError(
+                    f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True"
+                )
+            if betas[index].numel() != 1:
+                raise ValueError(f"Tensor betas[{index}] must be 1-element")
+
+
+def _check_sgd_args(lr, momentum, weight_decay) -> None:
+    """torch.optim.SGD's checks, with its exception types and messages (Nesterov's are per group)."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if momentum < 0.0:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def _to_float(x: float | Tensor) -> float:
+    """Betas are read as Python floats (a host read for a tensor on an accelerator)."""
+    return float(x) if isinstance(x, Tensor) else x

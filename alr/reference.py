@@ -1,0 +1,302 @@
+r"""Pure-PyTorch reference backend: the normative statement of the ALR step.
+
+Every backend (``cpu``, ``cuda``, ``triton``) must reproduce these functions, parameters and
+all state, within the tolerances of ``tests/helpers.py``. The code favours the order of
+operations of ``torch.optim`` over speed, so that with the adaptation off it follows torch's
+trajectory to fp32 rounding.
+
+The algorithm
+=============
+
+One ``step()`` runs over every parameter ``p`` that has a gradient. Per parameter:
+
+1. **Gradient.** ``g = grad / S`` when a :class:`torch.amp.GradScaler` hands over its scale
+   ``S``; ``g = -g`` under ``maximize``; ``g = c · g`` with the clip coefficient ``c``
+   (below); and, for Adam with coupled decay and for SGD, ``g = g + λ·p``. All math is done
+   in the *opmath* dtype: float32 for 16-bit and 32-bit parameters, float64 for float64 ones.
+   State tensors keep the parameter's dtype, as in ``torch.optim``.
+
+2. **Direction** ``d_t``, exactly as ``torch.optim`` computes it:
+
+   * Adam/AdamW (``t`` = the parameter's step after increment)::
+
+         m ← lerp(m, g, 1 − β1);  v ← β2·v + (1 − β2)·g²;  v̂ ← max(v̂, v) if amsgrad else v
+         denom = √v̂ / √(1 − β2^t) + ε;   d_t = (m / (1 − β1^t)) / denom
+
+   * SGD: ``b ← μ·b + w·g`` with ``w = 1 − dampening`` (``w = 1`` on the first step, which
+     therefore copies ``g`` as torch does); ``d_t = g + μ·b`` (Nesterov), ``b`` (momentum) or
+     ``g`` (no momentum).
+
+3. **Update.** ``p ← p·(1 − α·λ)`` for decoupled decay (AdamW), then ``p ← p − α·d_t``, with
+   the effective learning rate ``α = κ·lr``. ``lr`` is the param group's learning rate (owned
+   by the user and by any LR scheduler); ``κ`` is the adapted multiplier, 1 at start.
+   Bias corrections and ``α/(1 − β1^t)`` are computed in float64 from the device step
+   tensor, then rounded to opmath, like torch's host-side Python floats.
+
+Gradient statistics (optimizer-wide, over every group)
+------------------------------------------------------
+A read-only pre-pass runs when ``max_grad_norm`` is set or ``skip_nonfinite`` is on:
+
+* ``‖g‖ = sqrt(Σ_p ‖grad_p / S‖²)``; with ``max_grad_norm = M`` the clip coefficient is
+  ``c = min(M / (‖g‖ + 1e-6), 1)``, exactly as :func:`torch.nn.utils.clip_grad_norm_`.
+* The step is **skipped** when any unscaled gradient element is inf or nan
+  (``skip_nonfinite``) or when the GradScaler's ``found_inf`` is set: parameters, every state
+  tensor, step counters and ``κ`` stay bit-identical, and ``skipped_steps`` grows by one.
+
+Hypergradient adaptation of κ (Baydin et al., ICLR 2018)
+--------------------------------------------------------
+For each scope ``S`` (``hypergrad_scope``: the param group, or each tensor) the statistics
+are ``dot_S = Σ g_t·d_{t−1}``, ``gg_S = Σ g_t²`` and ``dd_S = Σ d_{t−1}²``, with ``g_t`` the
+gradient of step 1 above and ``d_{t−1}`` the previous direction *without* learning rate:
+
+* Adam: recomputed from the state before this step's update,
+  ``d_{t−1} = (m / (1 − β1^{t−1})) / (√v̂ / √(1 − β2^{t−1}) + ε)``; at ``t = 1`` the state is
+  zero, so ``d_0 = 0``. Decoupled weight decay is *not* part of ``d_{t−1}``: it would need
+  ``p_{t−2}``, which is not kept, and it is not a gradient direction.
+* SGD with heavy-ball momentum: the momentum buffer before the update. SGD without
+  momentum and Nesterov SGD store ``d_{t−1}`` in ``hypergrad_prev_direction``.
+
+With ``β`` = ``hypergrad_lr`` and the bounds ``[κ_min, κ_max]``:
+
+* ``mult``: ``c = clip(dot_S / (√gg_S·√dd_S + tiny), −1, 1)``,
+  ``κ_S ← clamp(κ_S·(1 + β·c), κ_min, κ_max)`` (``tiny`` = the smallest normal float32);
+* ``add``: ``κ_S ← clamp(κ_S + β·dot_S / lr, κ_min, κ_max)`` (κ unchanged while ``lr = 0``);
+* ``off``: ``κ ≡ 1``.
+
+By default the statistics gathered while applying step ``t`` update ``κ`` for step ``t + 1``
+(one read-modify-write pass). With ``hypergrad_exact`` a read-only pre-pass computes them
+first and the updated ``κ`` already drives step ``t`` (the paper's algorithm).
+
+Statistics and adaptive scalars (``κ``, the grad norm, the skip counter) are device tensors:
+a step never synchronises with the host. Statistics are accumulated per tensor in opmath and
+combined in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .bucket import Bucket, GroupHyper
+
+__all__ = ["grad_stats", "hypergrad_stats", "update", "clip_coefficient", "adapt_kappa"]
+
+STATS_DTYPE = torch.float32
+"""dtype of every statistic and adaptive scalar (κ, grad norm)."""
+
+CLIP_EPS = 1e-6
+"""Added to the norm before dividing, as in ``torch.nn.utils.clip_grad_norm_``."""
+
+COSINE_TINY = torch.finfo(torch.float32).tiny
+"""Keeps the cosine of ``mult`` defined when a norm is zero (then ``dot`` is zero too)."""
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float32 for 16-bit storage, else the storage dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def grad_stats(bucket: Bucket, grad_scale: Tensor | None) -> Tensor:
+    """Per-tensor gradient statistics of the pre-pass (read-only).
+
+    Returns:
+        float32 tensor of shape ``[len(bucket), 2]`` on the bucket's device: the squared L2
+        norm of ``grad / grad_scale`` and a 0/1 flag for any inf or nan element.
+    """
+    rows = []
+    for grad in bucket.grads:
+        g = _unscaled(grad, grad_scale, opmath_dtype(grad.dtype))
+        norm = torch.linalg.vector_norm(g)
+        rows.append(torch.stack([norm.square(), (~torch.isfinite(g)).any().to(norm.dtype)]))
+    return _as_stats(rows, bucket)
+
+
+def hypergrad_stats(
+    bucket: Bucket, hyper: GroupHyper, grad_scale: Tensor | None, clip_coef: Tensor | None
+) -> Tensor:
+    """Per-tensor hypergradient statistics before any update (the ``hypergrad_exact`` pre-pass).
+
+    Returns:
+        float32 tensor of shape ``[len(bucket), 3]``: ``g·d_prev``, ``g·g``, ``d_prev·d_prev``.
+    """
+    rows = []
+    for i in range(len(bucket)):
+        g = _effective_grad(bucket, i, hyper, grad_scale, clip_coef)
+        rows.append(_dot_and_norms(g, _prev_direction(bucket, i, hyper, g.dtype)))
+    return _as_stats(rows, bucket)
+
+
+def update(
+    bucket: Bucket,
+    hyper: GroupHyper,
+    alphas: Tensor,
+    grad_scale: Tensor | None,
+    clip_coef: Tensor | None,
+    skip: Tensor | None,
+    collect_stats: bool,
+) -> Tensor | None:
+    """Apply one step to every parameter of the bucket, in place.
+
+    Args:
+        alphas: float64 tensor ``[len(bucket)]``, the effective learning rate ``κ·lr`` of
+            each parameter.
+        grad_scale: the GradScaler's scale (0-d), or None.
+        clip_coef: the clip coefficient (0-d float32), or None.
+        skip: 0-d bool tensor; when true every tensor is left bit-identical. None when the
+            step cannot be skipped (the fast path: state is updated in place).
+        collect_stats: also return the hypergradient statistics (see ``hypergrad_stats``),
+            taken against the state before this update.
+
+    Returns:
+        The ``[len(bucket), 3]`` statistics when ``collect_stats``, else None.
+    """
+    step_fn = _adam_update if hyper.algorithm == "adam" else _sgd_update
+    rows = []
+    for i in range(len(bucket)):
+        g = _effective_grad(bucket, i, hyper, grad_scale, clip_coef)
+        if collect_stats:
+            rows.append(_dot_and_norms(g, _prev_direction(bucket, i, hyper, g.dtype)))
+        step_fn(bucket, i, hyper, g, alphas[i], skip)
+        _commit(bucket.steps[i], bucket.steps[i] + 1, skip)
+    return _as_stats(rows, bucket) if collect_stats else None
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
+    """``min(max_norm / (total_norm + 1e-6), 1)``, as ``torch.nn.utils.clip_grad_norm_``."""
+    return torch.clamp(max_norm / (total_norm + CLIP_EPS), max=1.0)
+
+
+def adapt_kappa(
+    kappa: Tensor, stats: Tensor, lr: float | Tensor, hyper: GroupHyper, skip: Tensor | None
+) -> Tensor:
+    """The hypergradient update of κ.
+
+    Args:
+        kappa: float32, shape ``[]`` (group scope) or ``[n]`` (tensor scope).
+        stats: float32, shape ``kappa.shape + (3,)``: ``dot, gg, dd`` summed over each scope.
+        lr: the group's learning rate.
+        skip: 0-d bool; when true κ is returned unchanged.
+
+    Returns:
+        The new κ, same shape, dtype and device as ``kappa``.
+    """
+    dot, grad_sq, dir_sq = stats.unbind(-1)
+    if hyper.hypergrad == "mult":
+        cosine = dot / (grad_sq.sqrt() * dir_sq.sqrt() + COSINE_TINY)
+        new = kappa * (1 + hyper.hypergrad_lr * cosine.clamp(-1.0, 1.0))
+    else:
+        lr = torch.as_tensor(lr, dtype=STATS_DTYPE, device=kappa.device)
+        new = torch.where(lr > 0, kappa + hyper.hypergrad_lr * dot / lr, kappa)
+    new = new.clamp(hyper.kappa_min, hyper.kappa_max)
+    return new if skip is None else torch.where(skip, kappa, new)
+
+
+def _adam_update(
+    bucket: Bucket, i: int, hyper: GroupHyper, g: Tensor, alpha: Tensor, skip: Tensor | None
+) -> None:
+    beta1, beta2 = hyper.betas
+    opmath = g.dtype
+    param, exp_avg, exp_avg_sq = (
+        _working(t, opmath, skip) for t in (bucket.params[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i])
+    )
+    step = bucket.steps[i].double() + 1
+    if hyper.weight_decay != 0 and hyper.decoupled_weight_decay:
+        param.mul_((1 - alpha * hyper.weight_decay).to(opmath))
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    second_moment = exp_avg_sq
+    if hyper.amsgrad:
+        second_moment = torch.maximum(bucket.max_exp_avg_sqs[i].to(opmath), exp_avg_sq)
+        _commit(bucket.max_exp_avg_sqs[i], second_moment, skip)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step).sqrt()
+    denom = (second_moment.sqrt() / bias_correction2_sqrt.to(opmath)).add_(hyper.eps)
+    neg_step_size = (-alpha / bias_correction1).to(opmath)
+    param.addcdiv_(exp_avg * neg_step_size, denom)
+    for dst, new in zip((bucket.params[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i]), (param, exp_avg, exp_avg_sq)):
+        _commit(dst, new, skip)
+
+
+def _sgd_update(
+    bucket: Bucket, i: int, hyper: GroupHyper, g: Tensor, alpha: Tensor, skip: Tensor | None
+) -> None:
+    opmath = g.dtype
+    direction = g
+    if hyper.momentum != 0:
+        buf = _working(bucket.momentum_buffers[i], opmath, skip)
+        first_step = bucket.steps[i] == 0
+        buf.mul_(hyper.momentum)
+        if hyper.dampening == 0:
+            buf.add_(g)
+        else:
+            buf.add_(g * torch.where(first_step, 1.0, 1.0 - hyper.dampening).to(opmath))
+        direction = g.add(buf, alpha=hyper.momentum) if hyper.nesterov else buf
+        _commit(bucket.momentum_buffers[i], buf, skip)
+    if hyper.needs_prev_direction:
+        _commit(bucket.prev_directions[i], direction, skip)
+    param = _working(bucket.params[i], opmath, skip)
+    param.add_(direction * (-alpha).to(opmath))
+    _commit(bucket.params[i], param, skip)
+
+
+def _effective_grad(
+    bucket: Bucket, i: int, hyper: GroupHyper, grad_scale: Tensor | None, clip_coef: Tensor | None
+) -> Tensor:
+    """Step 1 of the algorithm: unscale, maximize, clip, coupled weight decay (a new tensor)."""
+    param = bucket.params[i]
+    opmath = opmath_dtype(param.dtype)
+    g = _unscaled(bucket.grads[i], grad_scale, opmath)
+    if hyper.maximize:
+        g = -g
+    if clip_coef is not None:
+        g = g * clip_coef.to(opmath)
+    if hyper.weight_decay != 0 and not (hyper.algorithm == "adam" and hyper.decoupled_weight_decay):
+        g = g.add(param.to(opmath), alpha=hyper.weight_decay)
+    return g if g is not bucket.grads[i] else g.clone()
+
+
+def _prev_direction(bucket: Bucket, i: int, hyper: GroupHyper, opmath: torch.dtype) -> Tensor:
+    """``d_{t−1}``, the direction of the previous step, from the state before this update."""
+    if hyper.algorithm == "sgd":
+        if hyper.needs_prev_direction:
+            return bucket.prev_directions[i].to(opmath)
+        return bucket.momentum_buffers[i].to(opmath)
+    beta1, beta2 = hyper.betas
+    # At step 0 the moments are zero; clamping the step keeps the corrections finite, d_0 = 0.
+    prev_step = bucket.steps[i].double().clamp(min=1)
+    second_moment = bucket.max_exp_avg_sqs[i] if hyper.amsgrad else bucket.exp_avg_sqs[i]
+    bias_correction2_sqrt = (1 - beta2**prev_step).sqrt().to(opmath)
+    denom = (second_moment.to(opmath).sqrt() / bias_correction2_sqrt).add_(hyper.eps)
+    return (bucket.exp_avgs[i].to(opmath) / (1 - beta1**prev_step).to(opmath)).div_(denom)
+
+
+def _dot_and_norms(g: Tensor, prev_direction: Tensor) -> Tensor:
+    return torch.stack([(g * prev_direction).sum(), g.square().sum(), prev_direction.square().sum()])
+
+
+def _unscaled(grad: Tensor, grad_scale: Tensor | None, opmath: torch.dtype) -> Tensor:
+    g = grad.to(opmath)
+    return g if grad_scale is None else g / grad_scale.to(opmath)
+
+
+def _working(t: Tensor, opmath: torch.dtype, skip: Tensor | None) -> Tensor:
+    """The tensor to compute in: ``t`` itself when it can be updated in place, else a copy.
+
+    A step that may be skipped computes on copies, so the state stays intact until
+    ``_commit`` decides.
+    """
+    return t.to(opmath, copy=skip is not None)
+
+
+def _commit(dst: Tensor, new: Tensor, skip: Tensor | None) -> None:
+    """Write ``new`` into ``dst`` (rounding to its dtype), or keep ``dst`` when ``skip``."""
+    if skip is not None:
+        new = torch.where(skip, dst.to(new.dtype), new)
+    if new is not dst:
+        dst.copy_(new)
+
+
+def _as_stats(rows: list[Tensor], bucket: Bucket) -> Tensor:
+    if not rows:
+        return torch.zeros(0, 3, dtype=STATS_DTYPE, device=bucket.device)
+    return torch.stack(rows).to(STATS_DTYPE)
