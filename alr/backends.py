@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from . import reference
+from . import _extension, reference
 
 __all__ = [
     "BACKENDS",
@@ -55,9 +55,19 @@ def backend_unavailable_reason(name: str) -> str | None:
     check_backend_name(name)
     if name == "reference":
         return None
-    # The native kernels arrive with later issues (cpu: #4, triton: #5, cuda: #6); until a
-    # kernel module registers itself here, the reason is the plain fact.
-    return f"the {name!r} backend is not part of this build of alr (only 'reference' is)"
+    if name == "triton":
+        ok, reason = _triton_available()
+        return reason if not ok else "alr has no Triton kernels yet (issue #5)"
+    error = _extension.cpu_extension_error() if name == "cpu" else _extension.cuda_extension_error()
+    if error is not None:
+        return error
+    return f"the alr extension has no {name.upper()} kernel yet (issue #{4 if name == 'cpu' else 6})"
+
+
+def _triton_available() -> tuple[bool, str | None]:
+    from alr import kernels  # installed from kernels/; imports no Triton by itself
+
+    return kernels.is_available()
 
 
 def check_backend_name(name: str) -> None:

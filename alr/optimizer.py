@@ -334,7 +334,7 @@ def _group_hyper(group: dict[str, Any], algorithm: str) -> GroupHyper:
     common = dict(
         algorithm=algorithm,
         lr=group["lr"],
-        weight_decay=group["weight_decay"],
+        weight_decay=_to_float(group["weight_decay"]),
         maximize=group["maximize"],
         hypergrad=group["hypergrad"],
         hypergrad_lr=group["hypergrad_lr"],
@@ -444,5 +444,5 @@ def _check_sgd_args(lr, momentum, weight_decay) -> None:
 
 
 def _to_float(x: float | Tensor) -> float:
-    """Betas are read as Python floats (a host read for a tensor on an accelerator)."""
+    """Tensor betas and weight decay are read as Python floats (a host read on an accelerator)."""
     return float(x) if isinstance(x, Tensor) else x
