@@ -63,6 +63,8 @@ With ``β`` = ``hypergrad_lr`` and the bounds ``[κ_min, κ_max]``:
 * ``add``: ``κ_S ← clamp(κ_S + β·dot_S / lr, κ_min, κ_max)`` (κ unchanged while ``lr = 0``);
 * ``off``: ``κ ≡ 1``.
 
+A scope whose statistics are not finite (they overflowed float32) leaves ``κ`` unchanged.
+
 By default the statistics gathered while applying step ``t`` update ``κ`` for step ``t + 1``
 (one read-modify-write pass). With ``hypergrad_exact`` a read-only pre-pass computes them
 first and the updated ``κ`` already drives step ``t`` (the paper's algorithm).
@@ -175,7 +177,8 @@ def adapt_kappa(
         kappa: float32, shape ``[]`` (group scope) or ``[n]`` (tensor scope).
         stats: float32, shape ``kappa.shape + (3,)``: ``dot, gg, dd`` summed over each scope.
         lr: the group's learning rate.
-        skip: 0-d bool; when true κ is returned unchanged.
+        skip: 0-d bool; when true κ is returned unchanged (as it is for any scope whose
+            statistics are not finite).
 
     Returns:
         The new κ, same shape, dtype and device as ``kappa``.
@@ -187,8 +190,11 @@ def adapt_kappa(
     else:
         lr = torch.as_tensor(lr, dtype=STATS_DTYPE, device=kappa.device)
         new = torch.where(lr > 0, kappa + hyper.hypergrad_lr * dot / lr, kappa)
-    new = new.clamp(hyper.kappa_min, hyper.kappa_max)
-    return new if skip is None else torch.where(skip, kappa, new)
+    # Statistics that overflowed float32 (finite gradients near 1e19) carry no direction.
+    keep = ~torch.isfinite(stats).all(-1)
+    if skip is not None:
+        keep = keep | skip
+    return torch.where(keep, kappa, new.clamp(hyper.kappa_min, hyper.kappa_max))
 
 
 def _adam_update(
@@ -242,7 +248,10 @@ def _sgd_update(
 def _effective_grad(
     bucket: Bucket, i: int, hyper: GroupHyper, grad_scale: Tensor | None, clip_coef: Tensor | None
 ) -> Tensor:
-    """Step 1 of the algorithm: unscale, maximize, clip, coupled weight decay (a new tensor)."""
+    """Step 1 of the algorithm: unscale, maximize, clip, coupled weight decay.
+
+    May return the gradient itself (fp32 with nothing to apply): callers only read it.
+    """
     param = bucket.params[i]
     opmath = opmath_dtype(param.dtype)
     g = _unscaled(bucket.grads[i], grad_scale, opmath)
@@ -252,7 +261,7 @@ def _effective_grad(
         g = g * clip_coef.to(opmath)
     if hyper.weight_decay != 0 and not (hyper.algorithm == "adam" and hyper.decoupled_weight_decay):
         g = g.add(param.to(opmath), alpha=hyper.weight_decay)
-    return g if g is not bucket.grads[i] else g.clone()
+    return g
 
 
 def _prev_direction(bucket: Bucket, i: int, hyper: GroupHyper, opmath: torch.dtype) -> Tensor:
