@@ -8,7 +8,6 @@ their ``torch.optim`` namesakes with the adaptation off.
 
 __version__ = "0.1.0"
 
-from . import _extension
 from ._extension import build_info
 from .backends import ALRBackendFallbackWarning, available_backends
 from .dropin import SGD, Adam, AdamW

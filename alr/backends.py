@@ -15,6 +15,7 @@ Resolution, per (device, dtype) bucket:
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from types import ModuleType
 from typing import Literal
@@ -124,5 +125,18 @@ def _warn_fallback(device: torch.device) -> None:
         f"alr: no native backend for {device.type} tensors ({reasons}); using the "
         "pure-PyTorch 'reference' backend",
         ALRBackendFallbackWarning,
-        stacklevel=4,
+        stacklevel=_caller_stacklevel(),
     )
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside alr and torch.
+
+    ``step()`` reaches here through torch's hook and no-grad wrappers and several alr
+    frames, whose number depends on the Python version.
+    """
+    internal = tuple(os.path.dirname(m.__file__) for m in (torch, sys.modules["alr"]))
+    level, frame = 2, sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        level, frame = level + 1, frame.f_back
+    return level

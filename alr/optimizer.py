@@ -419,7 +419,9 @@ def _check_adam_args(lr, betas, eps, weight_decay, *, foreach, capturable) -> No
             raise ValueError(f"Invalid beta parameter at index {index}: {betas[index]}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+    if not (
+        all(isinstance(b, float) for b in betas[:2]) or all(isinstance(b, Tensor) for b in betas[:2])
+    ):
         raise ValueError("betas must be either both floats or both Tensors")
     for index in (0, 1):
         if isinstance(betas[index], Tensor):

@@ -188,7 +188,7 @@ def adapt_kappa(
         cosine = dot / (grad_sq.sqrt() * dir_sq.sqrt() + COSINE_TINY)
         new = kappa * (1 + hyper.hypergrad_lr * cosine.clamp(-1.0, 1.0))
     else:
-        lr = torch.as_tensor(lr, dtype=STATS_DTYPE, device=kappa.device)
+        lr = torch.as_tensor(lr, dtype=STATS_DTYPE, device=kappa.device).reshape(())
         new = torch.where(lr > 0, kappa + hyper.hypergrad_lr * dot / lr, kappa)
     # Statistics that overflowed float32 (finite gradients near 1e19) carry no direction.
     keep = ~torch.isfinite(stats).all(-1)
