@@ -102,3 +102,32 @@ def test_cmake_developer_build_compiles() -> None:
         assert result.returncode == 0, result.stdout + result.stderr
     assert list(build_dir.glob("_C*.so"))
     assert (build_dir / "compile_commands.json").is_file()
+
+
+def test_import_and_step_without_extension_or_triton(tmp_path: Path) -> None:
+    """With alr._C and triton unimportable, alr still imports and steps on the reference,
+    and an explicit native backend raises with the import failure as its reason."""
+    code = """
+import sys, warnings
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("alr._C", "alr._C_cuda", "triton"):
+            raise ImportError(f"blocked {name}")
+sys.meta_path.insert(0, Block())
+import torch, alr
+assert alr.available_backends() == ["reference"], alr.available_backends()
+p = torch.nn.Parameter(torch.ones(3))
+p.grad = torch.ones(3)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    alr.ALROptimizer([p], lr=0.1).step()
+assert any(issubclass(w.category, alr.ALRBackendFallbackWarning) for w in caught)
+assert torch.all(p < 1)
+try:
+    opt = alr.ALROptimizer([p], backend="cpu")
+    opt.step()
+except RuntimeError as e:
+    print(e)
+"""
+    message = _run_python(code, tmp_path)
+    assert "blocked alr._C" in message
