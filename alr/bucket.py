@@ -81,6 +81,11 @@ class GroupHyper:
         return self.hypergrad != "off"
 
     @property
+    def state_layout(self) -> tuple:
+        """The options that decide which state tensors a parameter has."""
+        return (self.algorithm, self.amsgrad, self.momentum != 0, self.needs_prev_direction)
+
+    @property
     def needs_prev_direction(self) -> bool:
         """SGD keeps ``d_{t-1}`` in an extra buffer unless it is the momentum buffer itself."""
         return self.adapts and self.algorithm == "sgd" and (self.momentum == 0 or self.nesterov)
