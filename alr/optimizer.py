@@ -281,17 +281,10 @@ class ALROptimizer(Optimizer):
         hyper = _group_hyper(group, self.algorithm)
         grads = [p.grad for p in group["params"]]
         _check_dense(grads, group)
-        layout = (
-            tuple(g is not None for g in grads),
-            hyper.state_layout,
-            group["backend"],
-            id(self.state),
-            len(self.state),
-            self._state_version,
-        )
         plan = self._plans.get(id(group))
-        if plan is None or plan.group is not group or plan.layout != layout:
-            plan = _GroupPlan(group, layout, self._bucket(group, hyper))
+        if plan is None or plan.group is not group or plan.layout != self._layout(group, hyper, grads):
+            buckets = self._bucket(group, hyper)  # may add state, so the layout is taken after
+            plan = _GroupPlan(group, self._layout(group, hyper, grads), buckets)
             self._plans[id(group)] = plan
         else:
             for bucket in plan.buckets:
@@ -299,6 +292,16 @@ class ALROptimizer(Optimizer):
         if not plan.buckets:
             return None
         return GroupWork(hyper, plan.buckets, self._kappa(group), group["backend"])
+
+    def _layout(self, group: dict[str, Any], hyper: GroupHyper, grads: list[Tensor | None]) -> tuple:
+        return (
+            tuple(g is not None for g in grads),
+            hyper.state_layout,
+            group["backend"],
+            id(self.state),
+            len(self.state),
+            self._state_version,
+        )
 
     def _bucket(self, group: dict[str, Any], hyper: GroupHyper) -> list[Bucket]:
         """Lazily initialise state and bucket the group's parameters by (device, dtype)."""
