@@ -5,7 +5,8 @@
 #   torch            installed only if it does not import: torch==2.13.0 (a CPU build
 #                    on local disk here; a plain `torch` would pull a multi-GB CUDA
 #                    build), or $ALR_TORCH_SPEC
-#   build tools      ninja pybind11 pytest hypothesis numpy wheel setuptools>=70, if missing
+#   tools            ninja pybind11 pytest hypothesis numpy wheel setuptools>=70, and the
+#                    benchmarks' matplotlib scikit-learn tqdm, if missing
 #   alr              `pip install --no-build-isolation --no-deps -e .`, skipped when the
 #                    sources that feed the build are unchanged since the last good build
 #
@@ -42,7 +43,8 @@ alr_install_tools() {
   if python - <<'EOF' 2>/dev/null
 import importlib.util, sys
 from importlib.metadata import version
-modules = ("ninja", "pybind11", "pytest", "hypothesis", "numpy", "wheel", "setuptools")
+modules = ("ninja", "pybind11", "pytest", "hypothesis", "numpy", "wheel", "setuptools",
+           "matplotlib", "sklearn", "tqdm")
 missing = [name for name in modules if importlib.util.find_spec(name) is None]
 sys.exit(1 if missing or int(version("setuptools").split(".")[0]) < 70 else 0)
 EOF
@@ -50,7 +52,8 @@ EOF
     return 0
   fi
   alr_log "installing build and test tools"
-  pip install -q ninja pybind11 pytest hypothesis numpy wheel "setuptools>=70"
+  pip install -q ninja pybind11 pytest hypothesis numpy wheel "setuptools>=70" \
+    matplotlib scikit-learn tqdm
 }
 
 # torch guesses CUDA_HOME from the folder above nvcc's folder, which is wrong when nvcc on

@@ -1,0 +1,1 @@
+"""Benchmarks of alr against torch.optim (run ``python -m bench``)."""

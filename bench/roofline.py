@@ -1,0 +1,134 @@
+"""The bytes-moved model of an optimizer step, and a same-run memory roofline.
+
+Bytes model
+===========
+A step's *useful* traffic is what an ideal single-pass kernel must move, counted in whole
+tensors of the parameter's size. Gradients and state have the parameter's dtype (as in
+``torch.optim``), so every stream is ``numel · itemsize`` bytes:
+
+* Adam / AdamW: read p, g, m, v and write p, m, v: 4 reads + 3 writes = 7 streams
+  (28 B per element in fp32, 14 B in bf16/fp16).
+* SGD with momentum: read p, g, b and write p, b: 3 + 2 = 5 streams (20 B per fp32 element).
+* ``clip`` (global-norm clipping) adds one read of g for the norm, which must be known
+  before any parameter is updated: 8 and 6 streams.
+* ``hypergrad`` adds nothing: alr's default one-pass adaptation takes its statistics
+  (``g·d_{t-1}``, ``|g|²``, ``|d_{t-1}|²``) from the p, g and state it already reads for
+  the update, and applies κ at the next step.
+
+Scalars (step counters, κ, the norm) are ignored. An implementation that moves more than
+the model (torch's ``clip_grad_norm_`` reads g for the norm and then reads and rewrites
+it to scale it; an unfused implementation re-reads its temporaries) shows a lower GB/s.
+
+Roofline
+========
+:class:`StreamKernel` is a pure memory kernel that moves the same bytes with the same
+read/write mix, timed in the same run, on the same device and in the same interleaved
+rounds as the steps it is compared with (see :mod:`bench.timing`). For a model of ``R``
+reads and ``W`` writes it uses ``W`` float32 buffers that are read and written in place
+and ``R - W`` read-only ones, each of ``numel · itemsize`` bytes, and runs ``W`` flat
+in-place ops: ``w.add_(r)`` (2 reads, 1 write) while read-only buffers remain, then
+``w.mul_(1.0)`` (1 read, 1 write). The roofline of a (workload, traffic) is its best
+repetition over every group that shares it. One contiguous tensor per stream has no
+per-tensor overhead, so this is the bandwidth a step could reach, not a hard bound: a
+single fused pass can beat the multi-pass stream slightly, so percentages a little over
+100 % are possible. Where the streams fit in the CPU's caches it measures cache
+bandwidth, the right ceiling for such a workload; ``small-1000`` (4 MiB per stream)
+still spills from L2 on most CPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Roofline", "StreamKernel", "Traffic", "traffic"]
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Whole-tensor streams one step moves, each of the parameter's size and dtype."""
+
+    reads: int
+    writes: int
+
+    @property
+    def streams(self) -> int:
+        return self.reads + self.writes
+
+    def bytes(self, numel: int, itemsize: int) -> int:
+        return self.streams * numel * itemsize
+
+    def describe(self, itemsize: int) -> str:
+        return f"{self.reads}R+{self.writes}W = {self.streams * itemsize} B/element"
+
+
+def traffic(algorithm: str, variant: str) -> Traffic:
+    """The bytes model (see the module docstring) of one step of ``algorithm`` in ``variant``."""
+    reads, writes = (3, 2) if algorithm == "sgd" else (4, 3)
+    if variant == "clip":
+        reads += 1
+    return Traffic(reads, writes)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """The best bandwidth of the stream kernel for one (workload, dtype, traffic)."""
+
+    workload: str
+    reads: int
+    writes: int
+    numel: int
+    itemsize: int
+    bytes: int
+    best_ms: float
+    gbps: float
+    times_ms: list[float]
+
+    @classmethod
+    def from_times(
+        cls, workload: str, model: Traffic, numel: int, itemsize: int, times_ms: list[float]
+    ) -> Roofline:
+        total, best = model.bytes(numel, itemsize), min(times_ms)
+        return cls(
+            workload,
+            model.reads,
+            model.writes,
+            numel,
+            itemsize,
+            total,
+            best,
+            total / (best * 1e-3) / 1e9,
+            times_ms,
+        )
+
+
+class StreamKernel:
+    """Flat float32 buffers holding ``numel · itemsize`` bytes each, for the roofline kernels.
+
+    float32 words whatever the parameter dtype: the kernel should be pure memory traffic,
+    and 16-bit arithmetic on CPU adds conversions that a float32 add or multiply avoids.
+    """
+
+    def __init__(self, numel: int, itemsize: int, device: torch.device, buffers: int) -> None:
+        words = math.ceil(numel * itemsize / 4)
+        self.buffers = [torch.rand(words, device=device) for _ in range(buffers)]
+
+    def fn(self, model: Traffic) -> Callable[[], None]:
+        """The kernel for ``model``: ``model.reads`` buffers, the first ``model.writes`` updated in place."""
+        extra = model.reads - model.writes
+        if extra > model.writes or model.reads > len(self.buffers):
+            raise ValueError(f"no stream kernel for {model} with {len(self.buffers)} buffers")
+        written = self.buffers[: model.writes]
+        read_only = self.buffers[model.writes : model.reads]
+
+        def stream() -> None:
+            for i, buffer in enumerate(written):
+                if i < extra:
+                    buffer.add_(read_only[i])
+                else:
+                    buffer.mul_(1.0)
+
+        return stream

@@ -1,0 +1,70 @@
+"""Smoke test of the microbenchmark CLI (``python -m bench``) on miniature workloads.
+
+It checks that the command runs end to end and writes what it promises; it asserts no
+performance figure beyond "positive and finite".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TORCH_FORMS = ("torch for-loop", "torch foreach", "torch fused")
+
+
+def test_tiny_quick_run_writes_table_json_and_charts(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    result = subprocess.run(
+        # One thread: on a shared machine, every parallel region of a multi-threaded step can
+        # wait a scheduler slice for a descheduled worker, which would make the test slow.
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--tiny",
+            "--quick",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "| workload | algorithm | variant | implementation | ms/step |" in result.stdout
+    assert "|---|" in result.stdout
+
+    payload = json.loads((out / "results.json").read_text())
+    environment = payload["environment"]
+    assert environment["torch"] and environment["alr"] and environment["alr_build_info"] is not None
+    rows = [row for row in payload["rows"] if row["status"] == "ok"]
+    for algorithm in ("adam", "adamw", "sgd"):
+        for variant in ("plain", "clip"):
+            impls = {
+                row["impl"] for row in rows if row["algorithm"] == algorithm and row["variant"] == variant
+            }
+            assert set(TORCH_FORMS) | {"alr reference"} <= impls, (algorithm, variant, impls)
+        hypergrad = {
+            row["impl"] for row in rows if row["algorithm"] == algorithm and row["variant"] == "hypergrad"
+        }
+        assert "alr reference" in hypergrad
+    for row in rows:
+        for key in ("median_ms", "p20_ms", "p80_ms", "gbps", "roofline_gbps", "speedup"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["times_ms"] and all(math.isfinite(t) and t > 0 for t in row["times_ms"])
+    assert payload["rooflines"] and all(roof["gbps"] > 0 for roof in payload["rooflines"])
+
+    for chart in ("speedup.png", "bandwidth.png"):
+        data = (out / chart).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 1000
+    assert (out / "results.md").read_text().strip()
