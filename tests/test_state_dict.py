@@ -14,6 +14,7 @@ from helpers import (
     SHAPES,
     assert_bit_identical,
     assert_optimizer_state_close,
+    assert_tensors_close,
     clone_params,
     make_params,
     set_grads,
@@ -232,7 +233,9 @@ def test_state_layout_uses_torch_keys(make_alr, make_torch, alr_only) -> None:
 
 
 def test_switching_backend_mid_training_continues_identically(monkeypatch) -> None:
-    """Alternating ``group["backend"]`` between "auto" and "reference" changes no bit."""
+    """Alternating ``group["backend"]`` between "auto" and "reference" keeps the run on the
+    reference's trajectory: the state layout is backend-independent, and a native backend
+    chosen by "auto" matches the reference within the shared tolerances."""
     monkeypatch.delenv("ALR_BACKEND", raising=False)
     params = make_params(SHAPES)
     twin_params = clone_params(params)
@@ -244,5 +247,7 @@ def test_switching_backend_mid_training_continues_identically(monkeypatch) -> No
         set_grads([params, twin_params], step, scale=GRAD_SCALE)
         opt.step()
         twin.step()
-        _assert_same_bits(snapshot(opt, params), snapshot(twin, twin_params))
+        assert_optimizer_state_close(opt, params, twin, twin_params)
+        for got, want in zip(opt.stats().kappa, twin.stats().kappa):
+            assert_tensors_close(got, want, f"step {step + 1}: kappa")
     assert any(bool((k != 1).any()) for k in opt.stats().kappa)
