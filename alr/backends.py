@@ -62,7 +62,22 @@ def backend_unavailable_reason(name: str) -> str | None:
     error = _extension.cpu_extension_error() if name == "cpu" else _extension.cuda_extension_error()
     if error is not None:
         return error
+    if name == "cpu" and _cpu_ops_registered():
+        return None
     return f"the alr extension has no {name.upper()} kernel yet (issue #{4 if name == 'cpu' else 6})"
+
+
+_cpu_ops: bool | None = None
+
+
+def _cpu_ops_registered() -> bool:
+    """Whether alr._C registered the CPU ops (checked once: resolution runs every step)."""
+    global _cpu_ops
+    if _cpu_ops is None:
+        from . import _native
+
+        _cpu_ops = _native.ops_available("CPU")
+    return _cpu_ops
 
 
 def _triton_available() -> tuple[bool, str | None]:
@@ -111,6 +126,10 @@ def resolve(requested: str, device: torch.device) -> ModuleType:
 def _module(name: str) -> ModuleType:
     if name == "reference":
         return reference
+    if name == "cpu":
+        from . import _native
+
+        return _native
     raise AssertionError(f"backend {name!r} reported available but has no module")
 
 

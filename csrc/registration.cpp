@@ -21,11 +21,47 @@
 #define ALR_STRINGIFY_IMPL(x) #x
 #define ALR_STRINGIFY(x) ALR_STRINGIFY_IMPL(x)
 
+// Keyword arguments shared by the ops that apply or inspect a step: the param group's
+// hyper-parameters (alr.bucket.GroupHyper), passed at run time.
+#define ALR_HYPER_ARGS                                                                        \
+  "str algorithm, float beta1, float beta2, float eps, float weight_decay, "                 \
+  "bool decoupled_weight_decay, bool amsgrad, bool maximize, float momentum, float dampening, " \
+  "bool nesterov, bool needs_prev_direction"
+
 TORCH_LIBRARY(alr, m) {
-  // The fused op schemas (m.def("fused_step_(...) -> ()")) live here. Python code
-  // adding ops to this namespace must use torch.library.Library("alr", "FRAGMENT"):
-  // a second "DEF" library for the namespace is an error.
+  // Python code adding ops to this namespace must use torch.library.Library("alr",
+  // "FRAGMENT"): a second "DEF" library for the namespace is an error. The semantics of
+  // every op are those of the function of the same name in alr/reference.py, over one
+  // bucket (the parameters of one param group on one device and dtype).
+
+  // Per-tensor [n, 2] float32: squared L2 norm of grad / grad_scale, nonfinite flag (0/1).
+  m.def("grad_stats(Tensor[] grads, Tensor? grad_scale) -> Tensor");
+
+  // Per-tensor [n, 3] float32 hypergradient statistics g·d_prev, g·g, d_prev·d_prev of the
+  // state before any update (read-only pre-pass of hypergrad_exact).
+  m.def(
+      "hypergrad_stats(Tensor[] params, Tensor[] grads, Tensor[] steps, Tensor[] exp_avgs, "
+      "Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, Tensor[] momentum_buffers, "
+      "Tensor[] prev_directions, Tensor? grad_scale, Tensor? clip_coef, *, " ALR_HYPER_ARGS
+      ") -> Tensor");
+
+  // One step over the bucket, in place: params, state and step counters (unless the 0-d
+  // bool `skip` is true: then nothing is written). alphas: float64 [n] effective learning
+  // rates. Returns the [n, 3] statistics of hypergrad_stats taken before the update when
+  // collect_stats, else an empty [0, 3] tensor. State lists the algorithm does not use
+  // may be empty.
+  m.def(
+      "update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] momentum_buffers, "
+      "Tensor(g!)[] prev_directions, Tensor alphas, Tensor? grad_scale, Tensor? clip_coef, "
+      "Tensor? skip, *, " ALR_HYPER_ARGS ", bool collect_stats) -> Tensor");
+
+  // Debugging and benchmarking: the instruction set of the CPU kernels ("default", "avx2",
+  // "avx512"); a non-empty `requested` switches to it (an error if this CPU lacks it).
+  m.def("_cpu_isa(str requested=\"\") -> str");
 }
+
+#undef ALR_HYPER_ARGS
 
 namespace {
 

@@ -1,0 +1,133 @@
+"""The ``cpu`` backend: :mod:`alr.reference`'s three functions on the compiled ``alr`` ops.
+
+Each function hands a whole bucket to one op call (``torch.ops.alr.grad_stats``,
+``hypergrad_stats`` or ``update_``, defined in ``csrc/registration.cpp`` and implemented in
+``csrc/cpu/ops.cpp``); the op reads the per-tensor scalars on its host side and runs every
+tensor's elements across torch's intra-op threads. The Python side does no per-tensor work:
+the bucket's lists are passed as they are.
+
+Fake (meta) implementations are registered here, so the ops trace under ``torch.compile``
+and pass ``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _extension
+from .bucket import Bucket, GroupHyper
+
+__all__ = ["grad_stats", "hypergrad_stats", "update", "ops_available"]
+
+_OPS = ("grad_stats", "hypergrad_stats", "update_")
+_STATS = torch.float32
+
+
+def ops_available(dispatch_key: str = "CPU") -> bool:
+    """Whether ``alr._C`` loaded and registered every op for ``dispatch_key``."""
+    if _extension.load_cpu_extension() is None:
+        return False
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"alr::{op}", dispatch_key) for op in _OPS)
+
+
+def _hyper_kwargs(hyper: GroupHyper) -> dict:
+    """The ops' keyword arguments for a group's hyper-parameters (about 2 µs per call)."""
+    beta1, beta2 = hyper.betas
+    return {
+        "algorithm": hyper.algorithm,
+        "beta1": float(beta1),
+        "beta2": float(beta2),
+        "eps": float(hyper.eps),
+        "weight_decay": float(hyper.weight_decay),
+        "decoupled_weight_decay": bool(hyper.decoupled_weight_decay),
+        "amsgrad": bool(hyper.amsgrad),
+        "maximize": bool(hyper.maximize),
+        "momentum": float(hyper.momentum),
+        "dampening": float(hyper.dampening),
+        "nesterov": bool(hyper.nesterov),
+        "needs_prev_direction": bool(hyper.needs_prev_direction),
+    }
+
+
+def grad_stats(bucket: Bucket, grad_scale: Tensor | None) -> Tensor:
+    """See :func:`alr.reference.grad_stats`."""
+    return _grad_stats(bucket.grads, grad_scale)
+
+
+def hypergrad_stats(
+    bucket: Bucket, hyper: GroupHyper, grad_scale: Tensor | None, clip_coef: Tensor | None
+) -> Tensor:
+    """See :func:`alr.reference.hypergrad_stats`."""
+    return _hypergrad_stats(
+        bucket.params,
+        bucket.grads,
+        bucket.steps,
+        bucket.exp_avgs,
+        bucket.exp_avg_sqs,
+        bucket.max_exp_avg_sqs,
+        bucket.momentum_buffers,
+        bucket.prev_directions,
+        grad_scale,
+        clip_coef,
+        **_hyper_kwargs(hyper),
+    )
+
+
+def update(
+    bucket: Bucket,
+    hyper: GroupHyper,
+    alphas: Tensor,
+    grad_scale: Tensor | None,
+    clip_coef: Tensor | None,
+    skip: Tensor | None,
+    collect_stats: bool,
+) -> Tensor | None:
+    """See :func:`alr.reference.update`."""
+    stats = _update(
+        bucket.params,
+        bucket.grads,
+        bucket.steps,
+        bucket.exp_avgs,
+        bucket.exp_avg_sqs,
+        bucket.max_exp_avg_sqs,
+        bucket.momentum_buffers,
+        bucket.prev_directions,
+        alphas,
+        grad_scale,
+        clip_coef,
+        skip,
+        collect_stats=collect_stats,
+        **_hyper_kwargs(hyper),
+    )
+    return stats if collect_stats else None
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations for FakeTensor / meta tracing."""
+
+    def stats_like(tensors, width: int) -> Tensor:
+        if len(tensors) == 0:
+            return torch.empty((0, width), dtype=_STATS)
+        return tensors[0].new_empty((len(tensors), width), dtype=_STATS)
+
+    @torch.library.register_fake("alr::grad_stats")
+    def _grad_stats_fake(grads, grad_scale):
+        return stats_like(grads, 2)
+
+    @torch.library.register_fake("alr::hypergrad_stats")
+    def _hypergrad_stats_fake(params, *args, **kwargs):
+        return stats_like(params, 3)
+
+    @torch.library.register_fake("alr::update_")
+    def _update_fake(params, *args, collect_stats, **kwargs):
+        if collect_stats:
+            return stats_like(params, 3)
+        return params[0].new_empty((0, 3), dtype=_STATS) if len(params) else torch.empty((0, 3), dtype=_STATS)
+
+
+if _extension.load_cpu_extension() is not None and hasattr(torch.ops.alr, "update_"):
+    _grad_stats = torch.ops.alr.grad_stats.default
+    _hypergrad_stats = torch.ops.alr.hypergrad_stats.default
+    _update = torch.ops.alr.update_.default
+    _register_fakes()
