@@ -55,11 +55,9 @@ def grad_stats(bucket: Bucket, grad_scale: Tensor | None) -> Tensor:
     return _grad_stats(bucket.grads, grad_scale)
 
 
-def hypergrad_stats(
-    bucket: Bucket, hyper: GroupHyper, grad_scale: Tensor | None, clip_coef: Tensor | None
-) -> Tensor:
-    """See :func:`alr.reference.hypergrad_stats`."""
-    return _hypergrad_stats(
+def _tensor_lists(bucket: Bucket) -> tuple[list[Tensor], ...]:
+    """The bucket's tensor lists in the order of the ops' schemas."""
+    return (
         bucket.params,
         bucket.grads,
         bucket.steps,
@@ -68,6 +66,15 @@ def hypergrad_stats(
         bucket.max_exp_avg_sqs,
         bucket.momentum_buffers,
         bucket.prev_directions,
+    )
+
+
+def hypergrad_stats(
+    bucket: Bucket, hyper: GroupHyper, grad_scale: Tensor | None, clip_coef: Tensor | None
+) -> Tensor:
+    """See :func:`alr.reference.hypergrad_stats`."""
+    return _hypergrad_stats(
+        *_tensor_lists(bucket),
         grad_scale,
         clip_coef,
         **_hyper_kwargs(hyper),
@@ -85,14 +92,7 @@ def update(
 ) -> Tensor | None:
     """See :func:`alr.reference.update`."""
     stats = _update(
-        bucket.params,
-        bucket.grads,
-        bucket.steps,
-        bucket.exp_avgs,
-        bucket.exp_avg_sqs,
-        bucket.max_exp_avg_sqs,
-        bucket.momentum_buffers,
-        bucket.prev_directions,
+        *_tensor_lists(bucket),
         alphas,
         grad_scale,
         clip_coef,
