@@ -314,6 +314,19 @@ def test_op_rejects_inconsistent_buckets() -> None:
         _native.update(bucket, hyper, alphas, None, None, None, False)
 
 
+def test_ops_reject_sparse_gradients() -> None:
+    """Sparse tensors dispatch to SparseCPU, where the ops have no kernel: a clear error
+    whoever calls them (so a caller need not check every gradient's layout in Python)."""
+    sparse = torch.eye(3).to_sparse()
+    with pytest.raises(RuntimeError, match="SparseCPU"):
+        torch.ops.alr.grad_stats([torch.ones(3, 3), sparse], None)
+    hyper = HYPERS["adamw"]
+    bucket = _bucket(hyper, shapes=((3, 3),))
+    bucket.grads = [sparse]
+    with pytest.raises(RuntimeError, match="SparseCPU"):
+        _native.update(bucket, hyper, torch.full((1,), 0.01, dtype=torch.float64), None, None, None, False)
+
+
 def _op_args(hyper: GroupHyper, collect: bool):
     bucket = _bucket(hyper, shapes=((5, 3), (4,)))
     kwargs = dict(_native._hyper_kwargs(hyper))
