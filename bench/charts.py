@@ -27,7 +27,7 @@ def write_charts(rows: list[Row], out: Path) -> list[Path]:
         paths[0],
         value=lambda row: row.speedup,
         ylabel="speedup vs fastest torch (×, log)",
-        title="Step time: speedup vs the fastest torch implementation (hypergrad: vs plain torch step)",
+        title="Step time: speedup vs the fastest torch implementation\n(hypergrad, defaults: vs the plain torch step)",
         log=True,
         reference=lambda group: 1.0,
     )

@@ -21,6 +21,9 @@ Variants:
   baseline is the plain torch step. ``skip_nonfinite`` is turned off so that the variant
   differs from ``plain`` only by the adaptation (the nonfinite check would add a
   read-only pre-pass over the gradients, which ``clip`` already measures).
+* ``defaults``: ``alr.ALROptimizer`` with its own defaults (the nonfinite pre-pass and the
+  one-pass hypergradient on): what a user gets without choosing anything, against the
+  plain torch step.
 """
 
 from __future__ import annotations
@@ -39,10 +42,12 @@ from torch import Tensor
 import alr
 from alr import backends as alr_backends
 
-__all__ = ["ALGORITHMS", "VARIANTS", "Impl", "StepFn", "implementations"]
+__all__ = ["ALGORITHMS", "PLAIN_BASELINE_VARIANTS", "VARIANTS", "Impl", "StepFn", "implementations"]
 
 ALGORITHMS = ("adam", "adamw", "sgd")
-VARIANTS = ("plain", "clip", "hypergrad")
+VARIANTS = ("plain", "clip", "hypergrad", "defaults")
+PLAIN_BASELINE_VARIANTS = ("hypergrad", "defaults")
+"""Variants torch has no step for: they are compared with the plain torch step."""
 
 LR = 1e-4
 """Small, so that parameters stay finite and well away from overflow over thousands of steps."""
@@ -83,7 +88,7 @@ def implementations(
             on ``device``. A named backend that cannot run is kept, as unavailable.
     """
     impls = []
-    if variant != "hypergrad":
+    if variant not in PLAIN_BASELINE_VARIANTS:
         impls += [_torch_impl(algorithm, form, variant) for form in _TORCH_FORMS]
         impls += _peer_impls(algorithm, variant, device)
     impls += [_alr_impl(algorithm, variant, name, device) for name in _alr_backends(device, backends)]
@@ -145,6 +150,8 @@ def _alr_impl(algorithm: str, variant: str, backend: str, device: torch.device) 
                 backend=backend,
                 **_hyper(algorithm),
             )
+        elif variant == "defaults":
+            opt = alr.ALROptimizer(params, algorithm=algorithm, backend=backend, **_hyper(algorithm))
         else:
             extra = {"max_grad_norm": MAX_GRAD_NORM} if variant == "clip" else {}
             opt = _ALR_CLASSES[algorithm](params, backend=backend, **_hyper(algorithm), **extra)

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .implementations import PLAIN_BASELINE_VARIANTS
 from .roofline import Roofline
 from .runner import Row
 
@@ -76,7 +77,7 @@ def _load(loadavg: list[float] | None) -> str:
 
 def _table_line(row: Row) -> str:
     speedup = "n/a" if row.speedup is None else f"{row.speedup:.2f}×"
-    if row.variant == "hypergrad" and row.speedup is not None:
+    if row.variant in PLAIN_BASELINE_VARIANTS and row.speedup is not None:
         speedup += " †"
     memory = "n/a" if row.peak_extra_bytes is None else f"{row.peak_extra_bytes / 2**20:.1f}"
     return (
@@ -102,7 +103,7 @@ def _notes(rows: list[Row]) -> list[str]:
         f"Parameters, gradients and state in {dtype}. GB/s = bytes model / median time; the "
         "model counts whole-tensor streams of the parameter's size (Adam/AdamW read p, g, m, v "
         "and write p, m, v; SGD-momentum reads p, g, b and writes p, b; clip adds a read of g; "
-        "hypergrad adds nothing). Per group: "
+        "hypergrad adds nothing; defaults adds the read of g of its nonfinite pre-pass). Per group: "
         + "; ".join(f"{algorithm} {variant}: {traffic}" for algorithm, variant, traffic in models)
         + ".",
         (
@@ -110,11 +111,12 @@ def _notes(rows: list[Row]) -> list[str]:
             "this run. vs best torch = fastest torch implementation's median / this median."
         ),
     ]
-    if any(row.variant == "hypergrad" for row in ok):
+    if any(row.variant in PLAIN_BASELINE_VARIANTS for row in ok):
         notes.append(
-            "† hypergrad: torch has no hypergradient step, so the baseline is the fastest plain "
-            'torch step of the same workload and algorithm; alr runs ALROptimizer(hypergrad="mult", '
-            "skip_nonfinite=False)."
+            "† hypergrad, defaults: torch has no such step, so the baseline is the fastest plain "
+            "torch step of the same workload and algorithm. hypergrad runs "
+            'ALROptimizer(hypergrad="mult", skip_nonfinite=False); defaults runs ALROptimizer with '
+            "its own defaults (nonfinite pre-pass and one-pass hypergradient)."
         )
     if any(row.variant == "clip" for row in ok):
         notes.append(

@@ -11,6 +11,8 @@ tensors of the parameter's size. Gradients and state have the parameter's dtype 
 * SGD with momentum: read p, g, b and write p, b: 3 + 2 = 5 streams (20 B per fp32 element).
 * ``clip`` (global-norm clipping) adds one read of g for the norm, which must be known
   before any parameter is updated: 8 and 6 streams.
+* ``defaults`` (``ALROptimizer``'s own settings) adds the read of g of its nonfinite
+  pre-pass, as ``clip`` does.
 * ``hypergrad`` adds nothing: alr's default one-pass adaptation takes its statistics
   (``g·d_{t-1}``, ``|g|²``, ``|d_{t-1}|²``) from the p, g and state it already reads for
   the update, and applies κ at the next step.
@@ -68,7 +70,7 @@ class Traffic:
 def traffic(algorithm: str, variant: str) -> Traffic:
     """The bytes model (see the module docstring) of one step of ``algorithm`` in ``variant``."""
     reads, writes = (3, 2) if algorithm == "sgd" else (4, 3)
-    if variant == "clip":
+    if variant in ("clip", "defaults"):
         reads += 1
     return Traffic(reads, writes)
 

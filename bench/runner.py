@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .implementations import Impl, implementations
+from .implementations import PLAIN_BASELINE_VARIANTS, Impl, implementations
 from .roofline import Roofline, StreamKernel, Traffic, traffic
 from .timing import peak_extra_memory, time_interleaved
 from .workloads import Workload, make_tensors
@@ -102,14 +102,14 @@ class _Group:
 def _plan(config: Config) -> list[_Group]:
     """Every group to run, workload by workload so each workload's tensors are made once.
 
-    The ``hypergrad`` group is compared with the plain torch step, so those baselines are
-    measured even when ``plain`` itself was not asked for.
+    The ``hypergrad`` and ``defaults`` groups are compared with the plain torch step, so
+    those baselines are measured even when ``plain`` itself was not asked for.
     """
     groups = []
     for workload in config.workloads:
         for algorithm in config.algorithms:
             variants = list(config.variants)
-            baseline_only = "hypergrad" in variants and "plain" not in variants
+            baseline_only = "plain" not in variants and any(v in PLAIN_BASELINE_VARIANTS for v in variants)
             if baseline_only:
                 variants.insert(0, "plain")
             for variant in variants:
@@ -265,8 +265,8 @@ def _one_line(exc: BaseException) -> str:
 def _finalize(rows: list[Row], rooflines: dict[tuple[str, int, int], Roofline]) -> None:
     """Roofline percentages, and speedups against the fastest torch implementation of the group.
 
-    ``hypergrad`` groups have no torch implementation; they are compared with the fastest
-    plain torch step of the same workload and algorithm.
+    ``hypergrad`` and ``defaults`` groups have no torch implementation; they are compared
+    with the fastest plain torch step of the same workload and algorithm.
     """
     best: dict[tuple[str, str, str], Row] = {}
     for row in rows:
@@ -282,7 +282,7 @@ def _finalize(rows: list[Row], rooflines: dict[tuple[str, int, int], Roofline]) 
         if roofline is not None:
             row.roofline_gbps = roofline.gbps
             row.pct_roofline = 100 * row.gbps / roofline.gbps
-        key = row.group if row.variant != "hypergrad" else (row.workload, row.algorithm, "plain")
+        key = (row.workload, row.algorithm, "plain") if row.variant in PLAIN_BASELINE_VARIANTS else row.group
         baseline = best.get(key)
         if baseline is not None:
             row.baseline_impl, row.baseline_ms = baseline.impl, baseline.median_ms

@@ -54,10 +54,9 @@ def test_tiny_quick_run_writes_table_json_and_charts(tmp_path: Path) -> None:
                 row["impl"] for row in rows if row["algorithm"] == algorithm and row["variant"] == variant
             }
             assert set(TORCH_FORMS) | {"alr reference"} <= impls, (algorithm, variant, impls)
-        hypergrad = {
-            row["impl"] for row in rows if row["algorithm"] == algorithm and row["variant"] == "hypergrad"
-        }
-        assert "alr reference" in hypergrad
+        for variant in ("hypergrad", "defaults"):
+            impls = {row["impl"] for row in rows if row["algorithm"] == algorithm and row["variant"] == variant}
+            assert "alr reference" in impls and not any(impl.startswith("torch") for impl in impls), impls
     for row in rows:
         for key in ("median_ms", "p20_ms", "p80_ms", "gbps", "roofline_gbps", "speedup"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
