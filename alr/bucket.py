@@ -71,10 +71,11 @@ class GroupHyper:
     nesterov: bool = False
     hypergrad: Literal["mult", "add", "off"] = "off"
     hypergrad_lr: float = 0.0
+    hypergrad_norm_decay: float = 0.0
     hypergrad_scope: Literal["group", "tensor"] = "group"
     hypergrad_exact: bool = False
     kappa_min: float = 1e-3
-    kappa_max: float = 1e2
+    kappa_max: float = 1e5
 
     @property
     def adapts(self) -> bool:

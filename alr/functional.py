@@ -30,12 +30,15 @@ class GroupWork:
         buckets: its parameters with gradients, one bucket per (device, dtype).
         kappa: float32 multiplier κ, shape ``[]`` (group scope) or ``[len(group params)]``
             (tensor scope, indexed by ``Bucket.positions``); updated in place.
+        grad_sq_avg: float32 running mean of ``‖g‖²`` per scope (the ``mult`` rule's
+            normaliser), the shape of ``kappa``; updated in place.
         backend: the requested backend name (``"auto"`` or a name of ``alr.backends``).
     """
 
     hyper: GroupHyper
     buckets: list[Bucket]
     kappa: Tensor
+    grad_sq_avg: Tensor
     backend: str
 
 
@@ -130,7 +133,7 @@ def _alphas(group: GroupWork, bucket: Bucket) -> Tensor:
 
 
 def _adapt(group: GroupWork, stats: list[Tensor], skip: Tensor | None) -> None:
-    """Sum the per-tensor hypergradient statistics over each scope and update κ."""
+    """Sum the per-tensor hypergradient statistics over each scope and update κ and ``a``."""
     kappa = group.kappa
     if kappa.dim() == 0:
         scoped = torch.cat([s.to(kappa.device) for s in stats]).sum(0)
@@ -139,7 +142,11 @@ def _adapt(group: GroupWork, stats: list[Tensor], skip: Tensor | None) -> None:
         for bucket, s in zip(group.buckets, stats):
             positions = torch.tensor(bucket.positions, device=kappa.device)
             scoped.index_copy_(0, positions, s.to(kappa.device))
-    kappa.copy_(reference.adapt_kappa(kappa, scoped, group.hyper.lr, group.hyper, _on(skip, kappa.device)))
+    new_kappa, new_avg = reference.adapt_kappa(
+        kappa, group.grad_sq_avg, scoped, group.hyper.lr, group.hyper, _on(skip, kappa.device)
+    )
+    kappa.copy_(new_kappa)
+    group.grad_sq_avg.copy_(new_avg)
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:

@@ -26,12 +26,17 @@ ALGORITHMS = ("adam", "adamw", "sgd")
 HYPERGRAD_MODES = ("mult", "add", "off")
 HYPERGRAD_SCOPES = ("group", "tensor")
 
-DEFAULT_HYPERGRAD_LR = {"mult": 0.02, "add": {"adam": 1e-7, "sgd": 1e-3}, "off": 0.0}
-"""Defaults until the convergence benchmark (issue #3) chooses them: ``mult`` 0.02 (a
-dimensionless rate; Martínez Rubio used 0.05), ``add`` the paper's values for Adam and SGD."""
+DEFAULT_HYPERGRAD_LR = {"mult": 0.2, "add": {"adam": 1e-7, "sgd": 1e-3}, "off": 0.0}
+"""``mult``: 0.2, with ``hypergrad_norm_decay`` 0.99 and κ ∈ [1e-3, 1e5], chosen by the
+convergence benchmark (``python -m bench.convergence``; the evidence is in the README): the
+widest robust range of initial learning rates on all three tasks. ``add``: the paper's
+values for Adam and SGD (they depend on the model's size and loss scale)."""
 
 KAPPA_KEY = "hypergrad_kappa"
 """Param-group key of κ: a float32 tensor of shape [] (group scope) or [len(params)]."""
+
+GRAD_SQ_AVG_KEY = "hypergrad_grad_sq_avg"
+"""Param-group key of the ``mult`` rule's running mean of ‖g‖², shaped like κ."""
 
 PREV_DIRECTION_KEY = "hypergrad_prev_direction"
 """Per-parameter state key of ``d_{t-1}`` for SGD without momentum and Nesterov SGD."""
@@ -87,8 +92,11 @@ class ALROptimizer(Optimizer):
         maximize: maximise the objective instead of minimising it.
         hypergrad: ``"mult"`` (cosine-normalised multiplicative update of κ), ``"add"``
             (the paper's additive rule) or ``"off"`` (κ ≡ 1: exactly torch).
-        hypergrad_lr: the hyper-learning-rate β; default 0.02 for ``mult``, and for ``add``
+        hypergrad_lr: the hyper-learning-rate β; default 0.2 for ``mult``, and for ``add``
             the paper's 1e-7 (Adam) or 1e-3 (SGD).
+        hypergrad_norm_decay: ρ, the decay of the running mean of ``‖g‖²`` that ``mult``
+            divides by once the gradients fall below it, so that the adaptation fades
+            when they vanish; 0 gives the plain cosine rule.
         hypergrad_scope: one κ per param ``"group"`` or per parameter ``"tensor"``.
         hypergrad_exact: adapt κ from a read-only pre-pass and use it in the same step
             (the paper's algorithm) instead of the one-pass default, whose statistics of
@@ -123,10 +131,11 @@ class ALROptimizer(Optimizer):
         maximize: bool = False,
         hypergrad: str = "mult",
         hypergrad_lr: float | None = None,
+        hypergrad_norm_decay: float = 0.99,
         hypergrad_scope: str = "group",
         hypergrad_exact: bool = False,
         kappa_min: float = 1e-3,
-        kappa_max: float = 1e2,
+        kappa_max: float = 1e5,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = True,
         backend: str = "auto",
@@ -162,6 +171,7 @@ class ALROptimizer(Optimizer):
             fused=fused,
             hypergrad=hypergrad,
             hypergrad_lr=hypergrad_lr,
+            hypergrad_norm_decay=hypergrad_norm_decay,
             hypergrad_scope=hypergrad_scope,
             hypergrad_exact=hypergrad_exact,
             kappa_min=kappa_min,
@@ -291,7 +301,8 @@ class ALROptimizer(Optimizer):
                 bucket.grads = [grads[i] for i in bucket.positions]
         if not plan.buckets:
             return None
-        return GroupWork(hyper, plan.buckets, self._kappa(group), group["backend"])
+        grad_sq_avg = self._adaptive_scalar(group, GRAD_SQ_AVG_KEY, 0.0)
+        return GroupWork(hyper, plan.buckets, self._kappa(group), grad_sq_avg, group["backend"])
 
     def _layout(self, group: dict[str, Any], hyper: GroupHyper, grads: list[Tensor | None]) -> tuple:
         return (
@@ -347,16 +358,21 @@ class ALROptimizer(Optimizer):
         return state
 
     def _kappa(self, group: dict[str, Any]) -> Tensor:
-        """The group's κ; a transient 1 when the adaptation is off (nothing is stored)."""
+        """The group's κ, 1 at start."""
+        return self._adaptive_scalar(group, KAPPA_KEY, 1.0)
+
+    def _adaptive_scalar(self, group: dict[str, Any], key: str, initial: float) -> Tensor:
+        """The group's adapted scalar ``key`` (one per scope), created at ``initial``; a
+        transient ``initial`` when the adaptation is off (nothing is stored)."""
         device = group["params"][0].device
         shape = () if group["hypergrad_scope"] == "group" else (len(group["params"]),)
         if group["hypergrad"] == "off":
-            return torch.ones(shape, dtype=STATS_DTYPE, device=device)
-        kappa = group.get(KAPPA_KEY)
-        if not isinstance(kappa, Tensor) or kappa.shape != shape:
-            kappa = torch.ones(shape, dtype=STATS_DTYPE, device=device)
-        group[KAPPA_KEY] = kappa.to(device=device, dtype=STATS_DTYPE)
-        return group[KAPPA_KEY]
+            return torch.full(shape, initial, dtype=STATS_DTYPE, device=device)
+        value = group.get(key)
+        if not isinstance(value, Tensor) or value.shape != shape:
+            value = torch.full(shape, initial, dtype=STATS_DTYPE, device=device)
+        group[key] = value.to(device=device, dtype=STATS_DTYPE)
+        return group[key]
 
     def _telemetry_on(self, device: torch.device) -> dict[str, Tensor]:
         if self._telemetry is None:
@@ -380,6 +396,7 @@ def _group_hyper(group: dict[str, Any], algorithm: str) -> GroupHyper:
         maximize=group["maximize"],
         hypergrad=group["hypergrad"],
         hypergrad_lr=group["hypergrad_lr"],
+        hypergrad_norm_decay=group["hypergrad_norm_decay"],
         hypergrad_scope=group["hypergrad_scope"],
         hypergrad_exact=group["hypergrad_exact"],
         kappa_min=group["kappa_min"],
@@ -408,6 +425,8 @@ def _check_group(group: dict[str, Any], algorithm: str) -> None:
         )
     if not group["hypergrad_lr"] >= 0:
         raise ValueError(f"Invalid hypergrad_lr value: {group['hypergrad_lr']}")
+    if not 0 <= group["hypergrad_norm_decay"] < 1:
+        raise ValueError(f"Invalid hypergrad_norm_decay value: {group['hypergrad_norm_decay']}")
     if not 0 <= group["kappa_min"] <= group["kappa_max"]:
         raise ValueError(f"Invalid kappa bounds: [{group['kappa_min']}, {group['kappa_max']}]")
     backends.check_backend_name(group["backend"])

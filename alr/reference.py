@@ -56,14 +56,24 @@ gradient of step 1 above and ``d_{t−1}`` the previous direction *without* lear
 * SGD with heavy-ball momentum: the momentum buffer before the update. SGD without
   momentum and Nesterov SGD store ``d_{t−1}`` in ``hypergrad_prev_direction``.
 
-With ``β`` = ``hypergrad_lr`` and the bounds ``[κ_min, κ_max]``:
+With ``β`` = ``hypergrad_lr``, ``ρ`` = ``hypergrad_norm_decay`` and the bounds
+``[κ_min, κ_max]``:
 
-* ``mult``: ``c = clip(dot_S / (√gg_S·√dd_S + tiny), −1, 1)``,
+* ``mult``: ``a_S ← ρ·a_S + (1 − ρ)·gg_S`` (a running mean of ``‖g‖²``, 0 at start),
+  ``c = clip(dot_S / (max(√gg_S, √a_S)·√dd_S + tiny), −1, 1)``,
   ``κ_S ← clamp(κ_S·(1 + β·c), κ_min, κ_max)`` (``tiny`` = the smallest normal float32);
 * ``add``: ``κ_S ← clamp(κ_S + β·dot_S / lr, κ_min, κ_max)`` (κ unchanged while ``lr = 0``);
 * ``off``: ``κ ≡ 1``.
 
-A scope whose statistics are not finite (they overflowed float32) leaves ``κ`` unchanged.
+``c`` is the cosine of ``g_t`` and ``d_{t−1}`` (Martínez Rubio's multiplicative rule, which
+``ρ = 0`` gives exactly), except that a gradient smaller than its running RMS ``√a_S``
+counts with that RMS: once the gradients shrink (a converged or separable problem, where
+consecutive gradients stay aligned however small they get and the plain cosine would keep
+raising κ until the step diverges) the adaptation fades with them. Early on ``a_S`` is
+still below ``gg_S`` and ``c`` is the cosine.
+
+A scope whose statistics are not finite (they overflowed float32) leaves ``κ`` and ``a``
+unchanged, as does a skipped step.
 
 By default the statistics gathered while applying step ``t`` update ``κ`` for step ``t + 1``
 (one read-modify-write pass). With ``hypergrad_exact`` a read-only pre-pass computes them
@@ -169,23 +179,33 @@ def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
 
 
 def adapt_kappa(
-    kappa: Tensor, stats: Tensor, lr: float | Tensor, hyper: GroupHyper, skip: Tensor | None
-) -> Tensor:
-    """The hypergradient update of κ.
+    kappa: Tensor,
+    grad_sq_avg: Tensor,
+    stats: Tensor,
+    lr: float | Tensor,
+    hyper: GroupHyper,
+    skip: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The hypergradient update of κ and of the running mean ``a`` of ``‖g‖²``.
 
     Args:
         kappa: float32, shape ``[]`` (group scope) or ``[n]`` (tensor scope).
+        grad_sq_avg: ``a``, float32, the shape of ``kappa`` (used by ``mult`` only).
         stats: float32, shape ``kappa.shape + (3,)``: ``dot, gg, dd`` summed over each scope.
         lr: the group's learning rate.
-        skip: 0-d bool; when true κ is returned unchanged (as it is for any scope whose
-            statistics are not finite).
+        skip: 0-d bool; when true κ and ``a`` are returned unchanged (as they are for any
+            scope whose statistics are not finite).
 
     Returns:
-        The new κ, same shape, dtype and device as ``kappa``.
+        The new κ and ``a``, with the shapes, dtype and device of the inputs.
     """
     dot, grad_sq, dir_sq = stats.unbind(-1)
+    new_avg = grad_sq_avg
     if hyper.hypergrad == "mult":
-        cosine = dot / (grad_sq.sqrt() * dir_sq.sqrt() + COSINE_TINY)
+        rho = hyper.hypergrad_norm_decay
+        new_avg = rho * grad_sq_avg + (1 - rho) * grad_sq
+        grad_norm = torch.maximum(grad_sq, new_avg).sqrt()
+        cosine = dot / (grad_norm * dir_sq.sqrt() + COSINE_TINY)
         new = kappa * (1 + hyper.hypergrad_lr * cosine.clamp(-1.0, 1.0))
     else:
         lr = torch.as_tensor(lr, dtype=STATS_DTYPE, device=kappa.device).reshape(())
@@ -194,7 +214,10 @@ def adapt_kappa(
     keep = ~torch.isfinite(stats).all(-1)
     if skip is not None:
         keep = keep | skip
-    return torch.where(keep, kappa, new.clamp(hyper.kappa_min, hyper.kappa_max))
+    return (
+        torch.where(keep, kappa, new.clamp(hyper.kappa_min, hyper.kappa_max)),
+        torch.where(keep, grad_sq_avg, new_avg),
+    )
 
 
 def _adam_update(

@@ -48,6 +48,7 @@ class Hyper:
     maximize: bool
     hypergrad: str
     hypergrad_lr: float
+    hypergrad_norm_decay: float
     hypergrad_scope: str
     hypergrad_exact: bool
     kappa_min: float
@@ -85,12 +86,15 @@ class NaiveParam:
 
 
 class NaiveGroup:
-    """A param group: its hyper-parameters, parameters and κ (one, or one per parameter)."""
+    """A param group: its hyper-parameters, parameters, and κ with the running mean of ‖g‖²
+    (one each, or one each per parameter)."""
 
     def __init__(self, hyper: Hyper, params: list[NaiveParam]) -> None:
         self.hyper = hyper
         self.params = params
-        self.kappa = [1.0] * (1 if hyper.hypergrad_scope == "group" else len(params))
+        scopes = 1 if hyper.hypergrad_scope == "group" else len(params)
+        self.kappa = [1.0] * scopes
+        self.grad_sq_avg = [0.0] * scopes
 
     def kappa_of(self, position: int) -> float:
         if self.hyper.hypergrad == "off":
@@ -279,20 +283,24 @@ def _hypergrad_stats(g: list[float], d_prev: list[float]) -> tuple[float, float,
 
 
 def _adapt(group: NaiveGroup, positions: list[int], stats: list[tuple[float, float, float]]) -> None:
-    """Sum the statistics over each scope and update that scope's κ."""
+    """Sum the statistics over each scope and update that scope's running mean and κ."""
     h = group.hyper
     if h.hypergrad_scope == "group":
-        dot, gg, dd = (sum(column) for column in zip(*stats))
-        group.kappa[0] = _new_kappa(h, group.kappa[0], dot, gg, dd)
-        return
-    for pos, (dot, gg, dd) in zip(positions, stats):
-        group.kappa[pos] = _new_kappa(h, group.kappa[pos], dot, gg, dd)
+        scoped = [(0, tuple(sum(column) for column in zip(*stats)))]
+    else:
+        scoped = list(zip(positions, stats))
+    for scope, (dot, gg, dd) in scoped:
+        if h.hypergrad == "mult":
+            rho = h.hypergrad_norm_decay
+            group.grad_sq_avg[scope] = rho * group.grad_sq_avg[scope] + (1.0 - rho) * gg
+        group.kappa[scope] = _new_kappa(h, group.kappa[scope], group.grad_sq_avg[scope], dot, gg, dd)
 
 
-def _new_kappa(h: Hyper, kappa: float, dot: float, gg: float, dd: float) -> float:
-    """The ``mult`` or ``add`` rule, clamped to ``[kappa_min, kappa_max]``."""
+def _new_kappa(h: Hyper, kappa: float, grad_sq_avg: float, dot: float, gg: float, dd: float) -> float:
+    """The ``mult`` (with the running mean already updated) or ``add`` rule, clamped to
+    ``[kappa_min, kappa_max]``."""
     if h.hypergrad == "mult":
-        cosine = dot / (math.sqrt(gg) * math.sqrt(dd) + TINY)
+        cosine = dot / (math.sqrt(max(gg, grad_sq_avg)) * math.sqrt(dd) + TINY)
         new = kappa * (1.0 + h.hypergrad_lr * min(max(cosine, -1.0), 1.0))
     elif h.lr == 0:
         return kappa
@@ -317,7 +325,7 @@ def _hyper(algorithm: str, options: dict[str, Any]) -> Hyper:
     family = "sgd" if algorithm == "sgd" else "adam"
     hypergrad = options.get("hypergrad", "mult")
     default_weight_decay = 1e-2 if algorithm == "adamw" else 0.0
-    default_hypergrad_lr = {"mult": 0.02, "add": 1e-7 if family == "adam" else 1e-3, "off": 0.0}[hypergrad]
+    default_hypergrad_lr = {"mult": 0.2, "add": 1e-7 if family == "adam" else 1e-3, "off": 0.0}[hypergrad]
     weight_decay = options.get("weight_decay")
     hypergrad_lr = options.get("hypergrad_lr")
     return Hyper(
@@ -334,10 +342,11 @@ def _hyper(algorithm: str, options: dict[str, Any]) -> Hyper:
         maximize=bool(options.get("maximize", False)),
         hypergrad=hypergrad,
         hypergrad_lr=default_hypergrad_lr if hypergrad_lr is None else float(hypergrad_lr),
+        hypergrad_norm_decay=float(options.get("hypergrad_norm_decay", 0.99)),
         hypergrad_scope=options.get("hypergrad_scope", "group"),
         hypergrad_exact=bool(options.get("hypergrad_exact", False)),
         kappa_min=float(options.get("kappa_min", 1e-3)),
-        kappa_max=float(options.get("kappa_max", 1e2)),
+        kappa_max=float(options.get("kappa_max", 1e5)),
     )
 
 

@@ -42,6 +42,17 @@ MODES = {
     )
     for mode, scope, exact in itertools.product(("mult", "add"), ("group", "tensor"), (False, True))
 }
+# ρ = 0.5 makes the running mean of ‖g‖² catch up within a few steps, so with the noisy
+# gradients below it exceeds ‖g‖² about half the time and the max() of the rule is exercised
+# both ways (the default ρ = 0.99 stays below ‖g‖² for 20 steps of steady gradients).
+MODES.update(
+    {
+        f"mult-{scope}-one-pass-fast-norm": dict(
+            hypergrad="mult", hypergrad_lr=HYPERGRAD_LR["mult"], hypergrad_scope=scope, hypergrad_norm_decay=0.5
+        )
+        for scope in ("group", "tensor")
+    }
+)
 
 
 class Twin:
@@ -137,6 +148,23 @@ def test_add_rule_keeps_kappa_while_lr_is_zero() -> None:
     frozen, adapted = twin.kappas()
     assert _is_all(frozen, 1.0), frozen
     assert (adapted - 1).abs().max() > 0.02, adapted
+
+
+def test_mult_adaptation_fades_with_vanishing_gradients() -> None:
+    """Aligned gradients that shrink by half every step: the plain cosine (ρ = 0) keeps raising
+    κ by (1 + β) per step, while the default normaliser (the running RMS of ‖g‖) lets κ rise
+    only until the gradients fall below their running RMS."""
+    kappas = {}
+    for rho in (0.0, 0.99):
+        options = dict(algorithm="sgd", momentum=0.9, hypergrad="mult", hypergrad_lr=0.1, hypergrad_norm_decay=rho)
+        twin = Twin(options, lrs=(0.01,))
+        for step in range(STEPS):
+            twin.step([0.5**step * g for g in sign_grads(SHAPES, 0, alternate=False)])
+            twin.assert_matches_naive(f"ρ={rho} step {step + 1}")
+        kappas[rho] = float(twin.kappas()[0][0])
+    # The direction d_0 = 0 holds κ at 1 for the first step; every later cosine is 1.
+    assert kappas[0.0] == pytest.approx(1.1 ** (STEPS - 1), rel=1e-5)
+    assert 1.0 < kappas[0.99] < 1.6, kappas
 
 
 BOUND_SHAPES = [(3, 4), (16,), (5, 1, 2)]

@@ -135,6 +135,7 @@ def test_sparse_gradient_names_the_parameter_and_changes_nothing() -> None:
         pytest.param({"hypergrad": "mul"}, "Invalid hypergrad: 'mul'", id="hypergrad"),
         pytest.param({"hypergrad_scope": "layer"}, "Invalid hypergrad_scope: 'layer'", id="hypergrad_scope"),
         pytest.param({"hypergrad_lr": -0.1}, "Invalid hypergrad_lr", id="negative_hypergrad_lr"),
+        pytest.param({"hypergrad_norm_decay": 1.0}, "Invalid hypergrad_norm_decay", id="hypergrad_norm_decay_one"),
         pytest.param({"kappa_min": 2.0, "kappa_max": 1.0}, "Invalid kappa bounds", id="kappa_min_above_max"),
         pytest.param({"kappa_min": -1.0}, "Invalid kappa bounds", id="negative_kappa_min"),
         pytest.param({"backend": "gpu"}, "Invalid backend: 'gpu'", id="backend_name"),

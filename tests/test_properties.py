@@ -70,6 +70,7 @@ def hypergrad_options(draw) -> dict:
     return dict(
         options,
         hypergrad_lr=draw(st.floats(0.0, 0.5) if mode == "mult" else st.floats(0.0, 1e-3)),
+        hypergrad_norm_decay=draw(st.sampled_from([0.0, 0.99]) | st.floats(0.0, 0.999)),
         hypergrad_scope=draw(st.sampled_from(["group", "tensor"])),
         hypergrad_exact=draw(st.booleans()),
         kappa_min=draw(st.floats(1e-3, 1.0)),

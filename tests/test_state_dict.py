@@ -53,7 +53,9 @@ def _adaptive(**options) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
 
 
 _RESUMABLE = [
-    pytest.param(_adaptive(hypergrad="mult", hypergrad_scope="group"), id="mult-group-adamw"),
+    pytest.param(
+        _adaptive(hypergrad="mult", hypergrad_scope="group", hypergrad_norm_decay=0.5), id="mult-group-fast-norm-adamw"
+    ),
     pytest.param(_adaptive(hypergrad="mult", hypergrad_scope="tensor"), id="mult-tensor-adamw"),
     pytest.param(
         _adaptive(hypergrad="mult", hypergrad_scope="tensor", algorithm="sgd", momentum=0.9, nesterov=True),
@@ -84,6 +86,9 @@ def test_round_trip_continues_bit_identically(make_opt, map_location) -> None:
         _assert_same_bits(snapshot(resumed, resumed_params), snapshot(opt, params))
     for got, want in zip(resumed.stats().kappa, opt.stats().kappa):
         assert_bit_identical(got, want, "kappa")
+    for got, want in zip(resumed.param_groups, opt.param_groups):
+        if "hypergrad_grad_sq_avg" in want:
+            assert_bit_identical(got["hypergrad_grad_sq_avg"], want["hypergrad_grad_sq_avg"], "grad_sq_avg")
     assert_bit_identical(resumed.stats().grad_norm, opt.stats().grad_norm, "grad_norm")
     if opt.param_groups[0]["hypergrad"] != "off":
         assert any(bool((k != 1).any()) for k in opt.stats().kappa), "kappa never adapted"
@@ -230,6 +235,7 @@ def test_state_layout_uses_torch_keys(make_alr, make_torch, alr_only) -> None:
     adapts = opt.param_groups[0]["hypergrad"] != "off"
     for group in state_dict["param_groups"]:
         assert isinstance(group.get("hypergrad_kappa"), Tensor) is adapts
+        assert isinstance(group.get("hypergrad_grad_sq_avg"), Tensor) is adapts
 
 
 def test_switching_backend_mid_training_continues_identically(monkeypatch) -> None:

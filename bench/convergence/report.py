@@ -186,12 +186,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def settings_text(settings: dict[str, Any]) -> str:
-    """ALR settings in one line, e.g. ``mult β=0.02 group one-pass κ∈[0.001, 100]``."""
+    """ALR settings in one line, e.g. ``mult β=0.02 ρ=0.99 group one-pass κ∈[0.001, 100]``."""
     if settings["hypergrad"] == "off":
         return "off (torch)"
     exact = "exact" if settings["hypergrad_exact"] else "one-pass"
+    # Older results.json files predate ρ; the add rule does not use it.
+    rho = settings.get("hypergrad_norm_decay")
+    rho = f" ρ={rho:g}" if rho is not None and settings["hypergrad"] == "mult" else ""
     return (
-        f"{settings['hypergrad']} β={settings['hypergrad_lr']:g} {settings['hypergrad_scope']} {exact} "
+        f"{settings['hypergrad']} β={settings['hypergrad_lr']:g}{rho} {settings['hypergrad_scope']} {exact} "
         f"κ∈[{settings['kappa_min']:g}, {settings['kappa_max']:g}]"
     )
 

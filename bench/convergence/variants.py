@@ -26,6 +26,7 @@ BACKEND = "reference"
 RESOLVED_KEYS = (
     "hypergrad",
     "hypergrad_lr",
+    "hypergrad_norm_decay",
     "hypergrad_scope",
     "hypergrad_exact",
     "kappa_min",
