@@ -1,8 +1,9 @@
 """The build of record produced what it promises.
 
 ``alr._C`` is built, loads and reports itself honestly; the Triton folder is installed
-as ``alr.kernels`` and never as a top-level ``kernels`` package; and the CMake developer
-build of the same sources still configures and compiles.
+as ``alr.kernels`` and never as a top-level ``kernels`` package; the CMake developer
+build of the same sources still configures and compiles; and the native test executable
+passes under AddressSanitizer and UndefinedBehaviorSanitizer.
 """
 
 from __future__ import annotations
@@ -82,26 +83,55 @@ def test_kernels_installed_only_as_alr_kernels(tmp_path: Path) -> None:
     assert (result["reason"] is None) is result["ok"]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
+needs_cmake = pytest.mark.skipif(
     shutil.which("cmake") is None or shutil.which("ninja") is None, reason="needs cmake and ninja"
 )
+
+
+def _run_all(commands: list[list[str | Path]]) -> str:
+    output = ""
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        output += result.stdout + result.stderr
+        assert result.returncode == 0, output[-6000:]
+    return output
+
+
+@pytest.mark.slow
+@needs_cmake
 def test_cmake_developer_build_compiles() -> None:
     """CMakeLists.txt is used by nobody's pip install, so this keeps it from rotting.
 
     The build folder persists under build/ so that a re-run only checks it is up to date.
+    The native tests are built (and run) by the sanitizer test below.
     """
     build_dir = ROOT / "build" / "cmake-test"
     python = f"-DPython_EXECUTABLE={sys.executable}"
-    commands = (
-        ["cmake", "-S", ROOT, "-B", build_dir, "-G", "Ninja", python],
-        ["cmake", "--build", build_dir],
+    _run_all(
+        [
+            ["cmake", "-S", ROOT, "-B", build_dir, "-G", "Ninja", python, "-DALR_BUILD_NATIVE_TESTS=OFF"],
+            ["cmake", "--build", build_dir],
+        ]
     )
-    for command in commands:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        assert result.returncode == 0, result.stdout + result.stderr
     assert list(build_dir.glob("_C*.so"))
     assert (build_dir / "compile_commands.json").is_file()
+
+
+@pytest.mark.slow
+@needs_cmake
+def test_native_tests_pass_under_sanitizers() -> None:
+    """csrc/tests on every kernel variant and instruction set this CPU runs, built with
+    ``-fsanitize=address,undefined`` (UBSan halts on the first error, see CMakeLists.txt)."""
+    build_dir = ROOT / "build" / "cmake-sanitize"
+    python = f"-DPython_EXECUTABLE={sys.executable}"
+    output = _run_all(
+        [
+            ["cmake", "-S", ROOT, "-B", build_dir, "-G", "Ninja", python, "-DALR_SANITIZE=ON"],
+            ["cmake", "--build", build_dir, "--target", "alr_native_tests"],
+            ["ctest", "--test-dir", build_dir, "--output-on-failure"],
+        ]
+    )
+    assert "100% tests passed" in output, output[-3000:]
 
 
 def test_import_and_step_without_extension_or_triton(tmp_path: Path) -> None:
