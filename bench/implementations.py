@@ -42,7 +42,7 @@ from torch import Tensor
 import alr
 from alr import backends as alr_backends
 
-__all__ = ["ALGORITHMS", "PLAIN_BASELINE_VARIANTS", "VARIANTS", "Impl", "StepFn", "implementations"]
+__all__ = ["ALGORITHMS", "PLAIN_BASELINE_VARIANTS", "VARIANTS", "Impl", "StepFn", "device_backends", "implementations"]
 
 ALGORITHMS = ("adam", "adamw", "sgd")
 VARIANTS = ("plain", "clip", "hypergrad", "defaults")
@@ -91,13 +91,12 @@ def implementations(
     if variant not in PLAIN_BASELINE_VARIANTS:
         impls += [_torch_impl(algorithm, form, variant) for form in _TORCH_FORMS]
         impls += _peer_impls(algorithm, variant, device)
-    impls += [_alr_impl(algorithm, variant, name, device) for name in _alr_backends(device, backends)]
+    impls += [_alr_impl(algorithm, variant, name, device) for name in backends or device_backends(device)]
     return impls
 
 
-def _alr_backends(device: torch.device, requested: list[str] | None) -> list[str]:
-    if requested is not None:
-        return requested
+def device_backends(device: torch.device) -> list[str]:
+    """Every available alr backend that runs on ``device``."""
     names = []
     for name in alr.available_backends():
         try:
