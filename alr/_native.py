@@ -31,42 +31,9 @@ def ops_available(dispatch_key: str = "CPU") -> bool:
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"alr::{op}", dispatch_key) for op in _OPS)
 
 
-def _hyper_kwargs(hyper: GroupHyper) -> dict:
-    """The ops' keyword arguments for a group's hyper-parameters (about 2 µs per call)."""
-    beta1, beta2 = hyper.betas
-    return {
-        "algorithm": hyper.algorithm,
-        "beta1": float(beta1),
-        "beta2": float(beta2),
-        "eps": float(hyper.eps),
-        "weight_decay": float(hyper.weight_decay),
-        "decoupled_weight_decay": bool(hyper.decoupled_weight_decay),
-        "amsgrad": bool(hyper.amsgrad),
-        "maximize": bool(hyper.maximize),
-        "momentum": float(hyper.momentum),
-        "dampening": float(hyper.dampening),
-        "nesterov": bool(hyper.nesterov),
-        "needs_prev_direction": bool(hyper.needs_prev_direction),
-    }
-
-
 def grad_stats(bucket: Bucket, grad_scale: Tensor | None) -> Tensor:
     """See :func:`alr.reference.grad_stats`."""
     return _grad_stats(bucket.grads, grad_scale)
-
-
-def _tensor_lists(bucket: Bucket) -> tuple[list[Tensor], ...]:
-    """The bucket's tensor lists in the order of the ops' schemas."""
-    return (
-        bucket.params,
-        bucket.grads,
-        bucket.steps,
-        bucket.exp_avgs,
-        bucket.exp_avg_sqs,
-        bucket.max_exp_avg_sqs,
-        bucket.momentum_buffers,
-        bucket.prev_directions,
-    )
 
 
 def hypergrad_stats(
@@ -74,10 +41,10 @@ def hypergrad_stats(
 ) -> Tensor:
     """See :func:`alr.reference.hypergrad_stats`."""
     return _hypergrad_stats(
-        *_tensor_lists(bucket),
+        *bucket.tensor_lists(),
         grad_scale,
         clip_coef,
-        **_hyper_kwargs(hyper),
+        **hyper.kernel_kwargs(),
     )
 
 
@@ -92,13 +59,13 @@ def update(
 ) -> Tensor | None:
     """See :func:`alr.reference.update`."""
     stats = _update(
-        *_tensor_lists(bucket),
+        *bucket.tensor_lists(),
         alphas,
         grad_scale,
         clip_coef,
         skip,
         collect_stats=collect_stats,
-        **_hyper_kwargs(hyper),
+        **hyper.kernel_kwargs(),
     )
     return stats if collect_stats else None
 

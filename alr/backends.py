@@ -5,11 +5,15 @@ signatures of :mod:`alr.reference`, which is always available and is the oracle.
 
 Resolution, per (device, dtype) bucket:
 
-* ``"auto"`` picks the fastest available backend for the device (CPU: ``cpu``; CUDA:
-  ``cuda``, then ``triton``) and falls back to ``reference`` with a one-time
-  :class:`ALRBackendFallbackWarning` giving the reason;
+* ``"auto"`` picks the fastest available backend for the device and dtype (CPU: ``cpu``;
+  CUDA: ``cuda``, then ``triton``, which takes 16- and 32-bit parameters only) and falls
+  back to ``reference`` with a one-time :class:`ALRBackendFallbackWarning` giving the
+  reason;
 * an explicit name that is unavailable raises, with the reason;
 * the ``ALR_BACKEND`` environment variable replaces the default ``"auto"``.
+
+``triton`` also runs on CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter: slow,
+for testing the kernels without a GPU); ``"auto"`` never picks it there.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ __all__ = [
 BackendName = Literal["auto", "reference", "cpu", "cuda", "triton"]
 BACKENDS: tuple[str, ...] = ("reference", "cpu", "cuda", "triton")
 _DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
+_DTYPES = {"triton": (torch.float32, torch.bfloat16, torch.float16)}
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 _ENV_VAR = "ALR_BACKEND"
 
@@ -58,7 +63,7 @@ def backend_unavailable_reason(name: str) -> str | None:
         return None
     if name == "triton":
         ok, reason = _triton_available()
-        return reason if not ok else "alr has no Triton kernels yet (issue #5)"
+        return reason
     error = _extension.cpu_extension_error() if name == "cpu" else _extension.cuda_extension_error()
     if error is not None:
         return error
@@ -80,10 +85,18 @@ def _cpu_ops_registered() -> bool:
     return _cpu_ops
 
 
-def _triton_available() -> tuple[bool, str | None]:
-    from alr import kernels  # installed from kernels/; imports no Triton by itself
+_triton_status: tuple[bool, str | None] | None = None
 
-    return kernels.is_available()
+
+def _triton_available() -> tuple[bool, str | None]:
+    """Whether Triton imports (checked once, and kept in a plain global, which
+    ``torch.compile`` reads as a constant instead of tracing the import again)."""
+    global _triton_status
+    if _triton_status is None:
+        from alr import kernels  # installed from kernels/; imports no Triton by itself
+
+        _triton_status = kernels.is_available()
+    return _triton_status
 
 
 def check_backend_name(name: str) -> None:
@@ -98,26 +111,32 @@ def default_backend() -> str:
     return name
 
 
-def check_device(name: str, device: torch.device) -> None:
-    """Raise when an explicitly named backend cannot handle tensors on ``device``."""
+def check_device(name: str, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Raise when an explicitly named backend cannot handle tensors on ``device`` (of ``dtype``)."""
     allowed = _DEVICE_TYPES.get(name)
+    if name == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        allowed = ("cuda", "cpu")
     if allowed is not None and device.type not in allowed:
         raise ValueError(
             f"backend={name!r} runs on {' or '.join(allowed)} tensors, but a parameter is on {device}"
         )
+    dtypes = _DTYPES.get(name)
+    if dtype is not None and dtypes is not None and dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"backend={name!r} takes {names} parameters, but a parameter is {dtype}")
 
 
-def resolve(requested: str, device: torch.device) -> ModuleType:
-    """The implementation module for one bucket on ``device``."""
+def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """The implementation module for one bucket of ``dtype`` tensors on ``device``."""
     name = default_backend() if requested == "auto" else requested
     if name != "auto":
-        check_device(name, device)
+        check_device(name, device, dtype)
         reason = backend_unavailable_reason(name)
         if reason is not None:
             raise RuntimeError(f"alr backend {name!r} is unavailable: {reason}")
         return _module(name)
     for candidate in _AUTO_ORDER.get(device.type, ()):
-        if backend_unavailable_reason(candidate) is None:
+        if backend_unavailable_reason(candidate) is None and dtype in _DTYPES.get(candidate, (dtype,)):
             return _module(candidate)
     _warn_fallback(device)
     return reference
@@ -130,6 +149,10 @@ def _module(name: str) -> ModuleType:
         from . import _native
 
         return _native
+    if name == "triton":
+        from . import _triton
+
+        return _triton
     raise AssertionError(f"backend {name!r} reported available but has no module")
 
 

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["Bucket", "GroupHyper", "STAT_FIELDS", "GRAD_STAT_FIELDS"]
+__all__ = ["Bucket", "GroupHyper", "STAT_FIELDS", "GRAD_STAT_FIELDS", "host_to_device"]
 
 GRAD_STAT_FIELDS = ("grad_sq_sum", "nonfinite")
 """Columns of the per-tensor gradient statistics a backend returns (see ``grad_stats``)."""
 
 STAT_FIELDS = ("dot", "grad_sq", "dir_sq")
 """Columns of the per-tensor hypergradient statistics: ``g·d_prev``, ``g·g``, ``d_prev·d_prev``."""
+
+
+def host_to_device(values: list[int] | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host table as a tensor on ``device``, without synchronising: an asynchronous
+    copy from pinned memory (the caching host allocator keeps the buffer until it has run)."""
+    table = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return table
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -37,6 +46,28 @@ class Bucket:
     prev_directions: list[Tensor] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     """Index of each parameter inside its param group (maps per-tensor results back)."""
+    _position_index: Tensor | None = field(default=None, repr=False, compare=False)
+
+    def tensor_lists(self) -> tuple[list[Tensor], ...]:
+        """The tensor lists in the order of the kernel ops' schemas: params, grads, steps,
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions."""
+        return (
+            self.params,
+            self.grads,
+            self.steps,
+            self.exp_avgs,
+            self.exp_avg_sqs,
+            self.max_exp_avg_sqs,
+            self.momentum_buffers,
+            self.prev_directions,
+        )
+
+    def position_index(self) -> Tensor:
+        """``positions`` as an int64 tensor on the bucket's device, made on first use: a
+        captured step (CUDA graphs) cannot copy from the host."""
+        if self._position_index is None:
+            self._position_index = host_to_device(self.positions, torch.int64, self.device)
+        return self._position_index
 
     @property
     def device(self) -> torch.device:
@@ -76,6 +107,24 @@ class GroupHyper:
     hypergrad_exact: bool = False
     kappa_min: float = 1e-3
     kappa_max: float = 1e5
+
+    def kernel_kwargs(self) -> dict[str, Any]:
+        """The kernel ops' hyper-parameter arguments (about 2 µs per call)."""
+        beta1, beta2 = self.betas
+        return {
+            "algorithm": self.algorithm,
+            "beta1": float(beta1),
+            "beta2": float(beta2),
+            "eps": float(self.eps),
+            "weight_decay": float(self.weight_decay),
+            "decoupled_weight_decay": bool(self.decoupled_weight_decay),
+            "amsgrad": bool(self.amsgrad),
+            "maximize": bool(self.maximize),
+            "momentum": float(self.momentum),
+            "dampening": float(self.dampening),
+            "nesterov": bool(self.nesterov),
+            "needs_prev_direction": bool(self.needs_prev_direction),
+        }
 
     @property
     def adapts(self) -> bool:

@@ -62,7 +62,7 @@ def alr_step(
         skip_nonfinite: skip the whole step when any gradient element is inf or nan.
         grad_scale, found_inf: handed over by :class:`torch.amp.GradScaler`.
     """
-    impls = {id(b): backends.resolve(g.backend, b.device) for g in groups for b in g.buckets}
+    impls = {id(b): backends.resolve(g.backend, b.device, b.dtype) for g in groups for b in g.buckets}
     stats_device = grad_norm.device
     clip_coef, skip = None, None
     if max_grad_norm is not None or skip_nonfinite:
@@ -125,7 +125,7 @@ def _alphas(group: GroupWork, bucket: Bucket) -> Tensor:
     if kappa.dim() == 0:
         kappa = kappa.expand(len(bucket))
     else:
-        kappa = kappa[torch.tensor(bucket.positions, device=kappa.device)]
+        kappa = kappa[bucket.position_index().to(kappa.device)]
     lr = group.hyper.lr
     if isinstance(lr, Tensor):
         lr = lr.to(device=bucket.device, dtype=torch.float64).reshape(())
@@ -140,8 +140,7 @@ def _adapt(group: GroupWork, stats: list[Tensor], skip: Tensor | None) -> None:
     else:
         scoped = torch.zeros(kappa.numel(), 3, dtype=kappa.dtype, device=kappa.device)
         for bucket, s in zip(group.buckets, stats):
-            positions = torch.tensor(bucket.positions, device=kappa.device)
-            scoped.index_copy_(0, positions, s.to(kappa.device))
+            scoped.index_copy_(0, bucket.position_index().to(kappa.device), s.to(kappa.device))
     new_kappa, new_avg = reference.adapt_kappa(
         kappa, group.grad_sq_avg, scoped, group.hyper.lr, group.hyper, _on(skip, kappa.device)
     )

@@ -321,7 +321,7 @@ class ALROptimizer(Optimizer):
             if p.grad is None:
                 continue
             if group["backend"] != "auto":
-                backends.check_device(group["backend"], p.device)
+                backends.check_device(group["backend"], p.device, p.dtype)
             state = self._init_state(p, hyper)
             bucket = buckets.setdefault((p.device, p.dtype), Bucket([], [], []))
             bucket.params.append(p)
@@ -442,7 +442,7 @@ def _check_group(group: dict[str, Any], algorithm: str) -> None:
         if not p.is_floating_point():
             raise TypeError(f"alr can only optimize floating-point tensors, but got {p.dtype}")
         if group["backend"] != "auto":
-            backends.check_device(group["backend"], p.device)
+            backends.check_device(group["backend"], p.device, p.dtype)
 
 
 def _check_dense(grads: list[Tensor | None], group: dict[str, Any]) -> None:

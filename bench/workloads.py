@@ -81,7 +81,7 @@ WORKLOADS: dict[str, Workload] = {
 
 DEFAULT_WORKLOADS: dict[str, tuple[str, ...]] = {
     "cpu": ("mixed-34m", "small-1000"),
-    "cuda": ("gpt2-small",),
+    "cuda": ("gpt2-small", "small-1000"),
 }
 """Workloads run when ``--workload`` is not given, per device type."""
 

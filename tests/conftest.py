@@ -1,5 +1,5 @@
 """Shared test set-up: per-test seeding, skips for the ``cuda`` and ``triton`` markers,
-and the ``test_device`` fixture.
+the ``backend``/``device`` fixtures of the native-backend tests, and ``test_device``.
 
 Nothing here queries devices or imports Triton at import time: availability is checked
 inside the collection hook, and only when a collected test carries the marker.
@@ -56,8 +56,45 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test. The reference backend runs hundreds of tiny torch
+    ops per step, whose parallel regions crawl when other jobs hold the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def test_device() -> str:
     """The device for device-generic tests: ``$ALR_TEST_DEVICE``, "cpu" by default."""
     device = os.environ.get("ALR_TEST_DEVICE", "cpu")
     torch.device(device)  # a misspelt device fails here, with torch's message
     return device
+
+
+NATIVE_BACKENDS = ("cpu", "cuda", "triton")
+
+
+@pytest.fixture(params=NATIVE_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each native backend in turn; skipped where it cannot run."""
+    from alr import backends
+
+    reason = backends.backend_unavailable_reason(request.param)
+    if reason is not None:
+        pytest.skip(f"{request.param} backend unavailable: {reason}")
+    return request.param
+
+
+@pytest.fixture
+def device(backend: str) -> torch.device:
+    """Where ``backend`` runs here: ``triton`` runs on CUDA when a GPU is present, else on
+    CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/run.sh)."""
+    if backend == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return torch.device("cpu")
+    pytest.skip(f"{backend} needs a GPU here (triton: or TRITON_INTERPRET=1, which tests/run.sh sets)")

@@ -5,8 +5,9 @@
 #   torch            installed only if it does not import: torch==2.13.0 (a CPU build
 #                    on local disk here; a plain `torch` would pull a multi-GB CUDA
 #                    build), or $ALR_TORCH_SPEC
-#   tools            ninja pybind11 pytest hypothesis numpy wheel setuptools>=70, and the
-#                    benchmarks' matplotlib scikit-learn tqdm, if missing
+#   tools            ninja pybind11 pytest hypothesis numpy wheel setuptools>=70, triton
+#                    (the Triton backend; its tests run in Triton's CPU interpreter), and
+#                    the benchmarks' matplotlib scikit-learn tqdm, if missing
 #   alr              `pip install --no-build-isolation --no-deps -e .`, skipped when the
 #                    sources that feed the build are unchanged since the last good build
 #
@@ -44,7 +45,7 @@ alr_install_tools() {
 import importlib.util, sys
 from importlib.metadata import version
 modules = ("ninja", "pybind11", "pytest", "hypothesis", "numpy", "wheel", "setuptools",
-           "matplotlib", "sklearn", "tqdm")
+           "matplotlib", "sklearn", "tqdm", "triton")
 missing = [name for name in modules if importlib.util.find_spec(name) is None]
 sys.exit(1 if missing or int(version("setuptools").split(".")[0]) < 70 else 0)
 EOF
@@ -53,7 +54,7 @@ EOF
   fi
   alr_log "installing build and test tools"
   pip install -q ninja pybind11 pytest hypothesis numpy wheel "setuptools>=70" \
-    matplotlib scikit-learn tqdm
+    matplotlib scikit-learn tqdm triton
 }
 
 # torch guesses CUDA_HOME from the folder above nvcc's folder, which is wrong when nvcc on

@@ -11,6 +11,7 @@ import torch
 
 import alr
 from helpers import make_params, set_grads
+from parity import set_same_grads, typed_params
 
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
@@ -58,3 +59,22 @@ def test_step_reads_nothing_on_the_host(config, no_host_reads) -> None:
     opt.step()
     changed = [not torch.equal(p.detach(), b) for p, b in zip(params, before) if p.numel()]
     assert all(changed)
+
+
+@pytest.mark.cuda
+def test_gpu_backends_never_synchronise(backend: str, device: torch.device) -> None:
+    """On a GPU, every synchronising CUDA call raises under ``set_sync_debug_mode("error")``."""
+    if device.type != "cuda":
+        pytest.skip(f"{backend} runs on {device} here")
+    params = typed_params([(64, 33), (33,), (4097,)], torch.float32, device=device)
+    opt = alr.ALROptimizer(params, lr=0.01, backend=backend, max_grad_norm=1.0, hypergrad_scope="tensor")
+    for seed in range(2):  # the first steps build state and device tables
+        set_same_grads([params], seed=seed)
+        opt.step()
+    set_same_grads([params], seed=2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
