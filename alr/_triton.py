@@ -23,7 +23,8 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from .bucket import Bucket, GroupHyper, host_to_device
+from .bucket import Bucket, GroupHyper, host_to_device, is_dense
+from .reference import rounding_streams
 
 __all__ = ["DTYPES", "grad_stats", "hypergrad_stats", "interpreted", "update"]
 
@@ -121,24 +122,11 @@ def _pointer_table(tensors: list[Tensor], device: torch.device) -> Tensor:
 # ------------------------------------------------------------------------- layouts
 
 
-def _dense(t: Tensor) -> bool:
-    """Whether ``t``'s elements fill one block of memory, in some order of its dimensions
-    (contiguous, channels-last, transposed, ...), with no gaps or overlaps."""
-    if t.numel() == 0:
-        return True
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _flat_layout(params: list[Tensor], others: list[list[Tensor]]) -> bool:
     """Whether every tensor can be processed as flat memory: each parameter dense, and its
     gradient and state with the same strides (the case after ``zeros_like``)."""
     for i, param in enumerate(params):
-        if not _dense(param) or any(other[i].stride() != param.stride() for other in others):
+        if not is_dense(param) or any(other[i].stride() != param.stride() for other in others):
             return False
     return True
 
@@ -201,9 +189,11 @@ def _sum_chunks(partials: Tensor, chunks: Chunks, n: int, width: int) -> Tensor:
 def _streams(lists: SimpleNamespace, opt: SimpleNamespace) -> list[list[Tensor]]:
     """The rows of the kernel's ``state_ptrs``: ``ADAM_STREAMS`` or ``SGD_STREAMS``."""
     if opt.algorithm == "adam":
-        return [lists.params, lists.exp_avgs, lists.exp_avg_sqs] + ([lists.max_exp_avg_sqs] if opt.amsgrad else [])
-    buffers = lists.momentum_buffers if opt.momentum != 0 else lists.params
-    return [lists.params, buffers] + ([lists.prev_directions] if opt.needs_prev_direction else [])
+        rows = [lists.params, lists.exp_avgs, lists.exp_avg_sqs] + ([lists.max_exp_avg_sqs] if opt.amsgrad else [])
+    else:
+        buffers = lists.momentum_buffers if opt.momentum != 0 else lists.params
+        rows = [lists.params, buffers] + ([lists.prev_directions] if opt.needs_prev_direction else [])
+    return rows + ([lists.master_params] if lists.master_params else [])
 
 
 def _run_step(
@@ -238,14 +228,21 @@ def _run_step(
     partials = torch.empty(chunks.count if stats else 0, 3, dtype=torch.float32, device=device)
     if chunks.count > 0:
         dummy = _dummy(device)
+        state = lists.exp_avgs or lists.momentum_buffers or lists.prev_directions or params
+        stochastic = bool(lists.rounding_keys)
         common = dict(
             grad_scale=grad_scale if grad_scale is not None else dummy,
             clip_coef=clip_coef if clip_coef is not None else dummy,
             skip=skip if skip is not None else dummy,
             partials=partials,
+            rounding_streams=rounding_streams(lists.rounding_keys, lists.steps) if stochastic else dummy,
             n_tensors=n,
             grad_sign=-1.0 if opt.maximize else 1.0,
             STORAGE=_triton_dtype(params[0].dtype),
+            STATE=_triton_dtype(state[0].dtype),
+            MASTER=bool(lists.master_params),
+            MASTER_ROW=len(streams) - 1,
+            STOCHASTIC=stochastic,
             HAS_SCALE=grad_scale is not None,
             HAS_CLIP=clip_coef is not None,
             HAS_SKIP=skip is not None,
@@ -294,8 +291,8 @@ def _run_step(
 # ---------------------------------------------------------------------------- ops
 
 _TENSOR_LISTS = ("params", "grads", "steps", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "momentum_buffers",
-                 "prev_directions")  # fmt: skip
-_MUTATED = tuple(name for name in _TENSOR_LISTS if name != "grads")
+                 "prev_directions", "master_params", "rounding_keys")  # fmt: skip
+_MUTATED = tuple(name for name in _TENSOR_LISTS if name not in ("grads", "rounding_keys"))
 
 
 @torch.library.custom_op("alr::triton_grad_stats", mutates_args=())
@@ -304,7 +301,7 @@ def _grad_stats_op(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
     if not grads:
         return torch.empty(0, 2)
     device = grads[0].device
-    grads = [g if _dense(g) else g.contiguous() for g in grads]
+    grads = [g if is_dense(g) else g.contiguous() for g in grads]
     chunks = _chunks(tuple(g.numel() for g in grads), device)
     partials = torch.empty(chunks.count, 2, dtype=torch.float32, device=device)
     if chunks.count > 0:
@@ -328,7 +325,8 @@ def _grad_stats_op(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
 def _hypergrad_stats_op(
     params: list[Tensor], grads: list[Tensor], steps: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], momentum_buffers: list[Tensor],
-    prev_directions: list[Tensor], grad_scale: Tensor | None, clip_coef: Tensor | None,
+    prev_directions: list[Tensor], master_params: list[Tensor], rounding_keys: list[Tensor],
+    grad_scale: Tensor | None, clip_coef: Tensor | None,
     algorithm: str, beta1: float, beta2: float, eps: float, weight_decay: float,
     decoupled_weight_decay: bool, amsgrad: bool, maximize: bool, momentum: float,
     dampening: float, nesterov: bool, needs_prev_direction: bool,
@@ -342,7 +340,8 @@ def _hypergrad_stats_op(
 def _update_op(
     params: list[Tensor], grads: list[Tensor], steps: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], momentum_buffers: list[Tensor],
-    prev_directions: list[Tensor], alphas: Tensor, grad_scale: Tensor | None,
+    prev_directions: list[Tensor], master_params: list[Tensor], rounding_keys: list[Tensor],
+    alphas: Tensor, grad_scale: Tensor | None,
     clip_coef: Tensor | None, skip: Tensor | None, collect_stats: bool, algorithm: str,
     beta1: float, beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool,
     amsgrad: bool, maximize: bool, momentum: float, dampening: float, nesterov: bool,
@@ -380,8 +379,8 @@ def _(params, *args, **kwargs):
 
 
 @_update_op.register_fake
-def _(params, grads, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions, alphas,
-      grad_scale, clip_coef, skip, collect_stats, *options):  # fmt: skip
+def _(params, grads, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions,
+      master_params, rounding_keys, alphas, grad_scale, clip_coef, skip, collect_stats, *options):  # fmt: skip
     return _stats_like(params, len(params) if collect_stats else 0, 3)
 
 
@@ -397,7 +396,7 @@ def hypergrad_stats(
     bucket: Bucket, hyper: GroupHyper, grad_scale: Tensor | None, clip_coef: Tensor | None
 ) -> Tensor:
     """See :func:`alr.reference.hypergrad_stats`."""
-    return _hypergrad_stats_op(*bucket.tensor_lists(), grad_scale, clip_coef, **hyper.kernel_kwargs())
+    return _hypergrad_stats_op(*_op_lists(bucket), grad_scale, clip_coef, **hyper.kernel_kwargs())
 
 
 def update(
@@ -410,7 +409,10 @@ def update(
     collect_stats: bool,
 ) -> Tensor | None:
     """See :func:`alr.reference.update`."""
-    stats = _update_op(
-        *bucket.tensor_lists(), alphas, grad_scale, clip_coef, skip, collect_stats, **hyper.kernel_kwargs()
-    )
+    stats = _update_op(*_op_lists(bucket), alphas, grad_scale, clip_coef, skip, collect_stats, **hyper.kernel_kwargs())
     return stats if collect_stats else None
+
+
+def _op_lists(bucket: Bucket) -> tuple[list[Tensor], ...]:
+    """The tensor lists in the order of this module's ops (``_TENSOR_LISTS``)."""
+    return (*bucket.tensor_lists(), bucket.master_params, bucket.rounding_keys)

@@ -8,13 +8,26 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["Bucket", "GroupHyper", "STAT_FIELDS", "GRAD_STAT_FIELDS", "host_to_device"]
+__all__ = ["Bucket", "GroupHyper", "STAT_FIELDS", "GRAD_STAT_FIELDS", "host_to_device", "is_dense"]
 
 GRAD_STAT_FIELDS = ("grad_sq_sum", "nonfinite")
 """Columns of the per-tensor gradient statistics a backend returns (see ``grad_stats``)."""
 
 STAT_FIELDS = ("dot", "grad_sq", "dir_sq")
 """Columns of the per-tensor hypergradient statistics: ``g·d_prev``, ``g·g``, ``d_prev·d_prev``."""
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill one block of memory, in some order of its dimensions
+    (contiguous, channels-last, transposed, ...), with no gaps or overlaps."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def host_to_device(values: list[int] | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -32,8 +45,9 @@ class Bucket:
 
     Every list has one entry per parameter (same order), except the algorithm's unused
     state lists, which are empty. All tensors of one position have the parameter's shape,
-    device and dtype; ``steps`` are 0-d float32 tensors on the same device. Backends update
-    ``params`` and the state lists in place and never write ``grads``.
+    device and dtype, except that the state lists may hold ``GroupHyper.state_dtype`` and
+    the master copies are float32; ``steps`` are 0-d float32 tensors on the same device.
+    Backends update ``params`` and the state lists in place and never write ``grads``.
     """
 
     params: list[Tensor]
@@ -44,6 +58,10 @@ class Bucket:
     max_exp_avg_sqs: list[Tensor] = field(default_factory=list)
     momentum_buffers: list[Tensor] = field(default_factory=list)
     prev_directions: list[Tensor] = field(default_factory=list)
+    master_params: list[Tensor] = field(default_factory=list)
+    """float32 master copies of 16-bit parameters (``master_weights``), else empty."""
+    rounding_keys: list[Tensor] = field(default_factory=list)
+    """0-d int64 keys of each parameter's random stream (``stochastic_rounding``), else empty."""
     positions: list[int] = field(default_factory=list)
     """Index of each parameter inside its param group (maps per-tensor results back)."""
     _position_index: Tensor | None = field(default=None, repr=False, compare=False)
@@ -107,6 +125,9 @@ class GroupHyper:
     hypergrad_exact: bool = False
     kappa_min: float = 1e-3
     kappa_max: float = 1e5
+    master_weights: bool = False
+    stochastic_rounding: bool = False
+    state_dtype: torch.dtype | None = None
 
     def kernel_kwargs(self) -> dict[str, Any]:
         """The kernel ops' hyper-parameter arguments (about 2 µs per call)."""
@@ -133,7 +154,21 @@ class GroupHyper:
     @property
     def state_layout(self) -> tuple:
         """The options that decide which state tensors a parameter has."""
-        return (self.algorithm, self.amsgrad, self.momentum != 0, self.needs_prev_direction)
+        return (
+            self.algorithm,
+            self.amsgrad,
+            self.momentum != 0,
+            self.needs_prev_direction,
+            self.master_weights,
+            self.stochastic_rounding,
+            self.state_dtype,
+        )
+
+    @property
+    def low_precision_options(self) -> bool:
+        """Whether a low-precision option (master weights, stochastic rounding, a state
+        dtype) is set; whether it changes anything depends on the parameter's dtype."""
+        return self.master_weights or self.stochastic_rounding or self.state_dtype is not None
 
     @property
     def needs_prev_direction(self) -> bool:

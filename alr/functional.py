@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import backends, reference
 from .bucket import Bucket, GroupHyper
+from .distributed import StatsReduction
 
 __all__ = ["GroupWork", "alr_step"]
 
@@ -51,6 +52,7 @@ def alr_step(
     skip_nonfinite: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    reduction: StatsReduction | None = None,
 ) -> None:
     """Run one optimizer step over ``groups`` without synchronising with the host.
 
@@ -61,8 +63,12 @@ def alr_step(
         max_grad_norm: clip the global gradient norm to this value, or None.
         skip_nonfinite: skip the whole step when any gradient element is inf or nan.
         grad_scale, found_inf: handed over by :class:`torch.amp.GradScaler`.
+        reduction: how partial statistics become global when the elements are spread over
+            ranks (see :mod:`alr.distributed`); None on one process.
     """
-    impls = {id(b): backends.resolve(g.backend, b.device, b.dtype) for g in groups for b in g.buckets}
+    impls = {
+        id(b): backends.resolve(g.backend, b.device, b.dtype, _low_precision(b)) for g in groups for b in g.buckets
+    }
     stats_device = grad_norm.device
     clip_coef, skip = None, None
     if max_grad_norm is not None or skip_nonfinite:
@@ -73,50 +79,41 @@ def alr_step(
                 for b in g.buckets
             ]
         )
-        grad_norm.copy_(per_tensor[:, 0].sum().sqrt())
+        totals = torch.stack([per_tensor[:, 0].sum(), per_tensor[:, 1].sum()])  # Σ g², tensors with inf/nan
+        if reduction is not None:
+            reduction.sum_([totals])
+        grad_norm.copy_(totals[0].sqrt())
         if max_grad_norm is not None:
             clip_coef = reference.clip_coefficient(grad_norm, max_grad_norm)
         if skip_nonfinite:
-            skip = per_tensor[:, 1].sum() > 0
+            skip = totals[1] > 0
     if found_inf is not None:
         found = found_inf.to(stats_device) > 0
         skip = found if skip is None else skip | found
     if skip is not None:
         skipped_steps.add_(skip.to(skipped_steps.dtype))
 
-    for group in groups:
-        _step_group(group, impls, grad_scale, clip_coef, skip)
-
-
-def _step_group(
-    group: GroupWork,
-    impls: dict,
-    grad_scale: Tensor | None,
-    clip_coef: Tensor | None,
-    skip: Tensor | None,
-) -> None:
-    hyper = group.hyper
-    if hyper.adapts and hyper.hypergrad_exact:
+    scale = {id(b): _on(grad_scale, b.device) for g in groups for b in g.buckets}
+    clip = {id(b): _on(clip_coef, b.device) for g in groups for b in g.buckets}
+    exact = [g for g in groups if g.hyper.adapts and g.hyper.hypergrad_exact]
+    if exact:
         stats = [
-            impls[id(b)].hypergrad_stats(b, hyper, _on(grad_scale, b.device), _on(clip_coef, b.device))
+            [impls[id(b)].hypergrad_stats(b, g.hyper, scale[id(b)], clip[id(b)]) for b in g.buckets] for g in exact
+        ]
+        _adapt_all(exact, stats, skip, reduction)
+    collected, collected_stats = [], []
+    for group in groups:
+        collect = group.hyper.adapts and not group.hyper.hypergrad_exact
+        stats = [
+            impls[id(b)].update(
+                b, group.hyper, _alphas(group, b), scale[id(b)], clip[id(b)], _on(skip, b.device), collect
+            )
             for b in group.buckets
         ]
-        _adapt(group, stats, skip)
-    collect = hyper.adapts and not hyper.hypergrad_exact
-    stats = [
-        impls[id(b)].update(
-            b,
-            hyper,
-            _alphas(group, b),
-            _on(grad_scale, b.device),
-            _on(clip_coef, b.device),
-            _on(skip, b.device),
-            collect,
-        )
-        for b in group.buckets
-    ]
-    if collect:
-        _adapt(group, stats, skip)
+        if collect:
+            collected.append(group)
+            collected_stats.append(stats)
+    _adapt_all(collected, collected_stats, skip, reduction)
 
 
 def _alphas(group: GroupWork, bucket: Bucket) -> Tensor:
@@ -132,20 +129,39 @@ def _alphas(group: GroupWork, bucket: Bucket) -> Tensor:
     return kappa.to(bucket.device).double() * lr
 
 
-def _adapt(group: GroupWork, stats: list[Tensor], skip: Tensor | None) -> None:
-    """Sum the per-tensor hypergradient statistics over each scope and update κ and ``a``."""
+def _adapt_all(
+    groups: list[GroupWork], stats: list[list[Tensor]], skip: Tensor | None, reduction: StatsReduction | None
+) -> None:
+    """Sum each group's per-tensor hypergradient statistics over its scopes, make them
+    global (one collective for all groups), and update κ and ``a``."""
+    scoped = [_scoped(group, s) for group, s in zip(groups, stats)]
+    if reduction is not None:
+        reduction.sum_([s for group, s in zip(groups, scoped) if reduction.per_tensor or group.kappa.dim() == 0])
+    for group, s in zip(groups, scoped):
+        kappa = group.kappa
+        new_kappa, new_avg = reference.adapt_kappa(
+            kappa, group.grad_sq_avg, s, group.hyper.lr, group.hyper, _on(skip, kappa.device)
+        )
+        kappa.copy_(new_kappa)
+        group.grad_sq_avg.copy_(new_avg)
+
+
+def _scoped(group: GroupWork, stats: list[Tensor]) -> Tensor:
+    """float32 ``[3]`` (group scope) or ``[len(group params), 3]`` (tensor scope)."""
     kappa = group.kappa
     if kappa.dim() == 0:
-        scoped = torch.cat([s.to(kappa.device) for s in stats]).sum(0)
-    else:
-        scoped = torch.zeros(kappa.numel(), 3, dtype=kappa.dtype, device=kappa.device)
-        for bucket, s in zip(group.buckets, stats):
-            scoped.index_copy_(0, bucket.position_index().to(kappa.device), s.to(kappa.device))
-    new_kappa, new_avg = reference.adapt_kappa(
-        kappa, group.grad_sq_avg, scoped, group.hyper.lr, group.hyper, _on(skip, kappa.device)
-    )
-    kappa.copy_(new_kappa)
-    group.grad_sq_avg.copy_(new_avg)
+        return torch.cat([s.to(kappa.device) for s in stats]).sum(0)
+    scoped = torch.zeros(kappa.numel(), 3, dtype=kappa.dtype, device=kappa.device)
+    for bucket, s in zip(group.buckets, stats):
+        scoped.index_copy_(0, bucket.position_index().to(kappa.device), s.to(kappa.device))
+    return scoped
+
+
+def _low_precision(bucket: Bucket) -> bool:
+    """Whether the bucket keeps master weights, rounds stochastically, or stores state in
+    another dtype than its parameters' (not every backend has kernels for these)."""
+    state = bucket.exp_avgs or bucket.momentum_buffers or bucket.prev_directions
+    return bool(bucket.master_params or bucket.rounding_keys) or (bool(state) and state[0].dtype != bucket.dtype)
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -17,8 +17,12 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import backends
 from .bucket import Bucket, GroupHyper
+from .distributed import StatsReduction, local_tensor, sharded_reduction
 from .functional import GroupWork, alr_step
 from .reference import STATS_DTYPE
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["ALROptimizer", "ALRStats"]
 
@@ -40,6 +44,17 @@ GRAD_SQ_AVG_KEY = "hypergrad_grad_sq_avg"
 
 PREV_DIRECTION_KEY = "hypergrad_prev_direction"
 """Per-parameter state key of ``d_{t-1}`` for SGD without momentum and Nesterov SGD."""
+
+MASTER_KEY = "master_param"
+"""Per-parameter state key of the float32 master copy of a 16-bit parameter (``master_weights``)."""
+
+ROUNDING_KEY = "rounding_key"
+"""Per-parameter state key of the 0-d int64 key of its stochastic-rounding stream."""
+
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", PREV_DIRECTION_KEY)
+"""The state tensors stored in ``state_dtype`` when it is set."""
+
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 STATE_DICT_KEY = "alr"
 """Top-level ``state_dict`` key of the optimizer-wide telemetry (ignored by torch.optim)."""
@@ -107,8 +122,21 @@ class ALROptimizer(Optimizer):
         skip_nonfinite: skip the whole step (leaving everything bit-identical) when any
             gradient element is inf or nan. Like clipping, this needs a read-only pre-pass
             over the gradients (4 bytes per fp32 element, +14% traffic for AdamW).
+        master_weights: keep a float32 copy of each 16-bit parameter in the state
+            (``master_param``), update it, and write the parameter as its rounded image.
+        stochastic_rounding: round bfloat16 parameters (without master weights)
+            stochastically, from a counter-based stream keyed on (``rounding_seed``, the
+            parameter's index, the step, the element): unbiased and reproducible.
+        state_dtype: dtype of the moments / momentum buffer (float32 or bfloat16); None:
+            the parameter's, as torch.optim.
+        rounding_seed: the seed of the stochastic-rounding streams.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; the
             ``ALR_BACKEND`` environment variable replaces ``"auto"``.
+        stats_group: the ranks over which the parameters are partitioned, each rank
+            stepping a different subset of whole tensors (``ZeroRedundancyOptimizer``):
+            the statistics are summed over it so that every rank clips, skips and adapts κ
+            alike. Not needed for DDP (replicated) nor FSDP2 (DTensor shards: the groups
+            come from their device mesh). See :mod:`alr.distributed`.
         foreach, fused, capturable: accepted for compatibility with ``torch.optim``; alr
             always runs one fused multi-tensor implementation per (device, dtype) chosen by
             ``backend``, and its step is always capturable (device-resident scalars).
@@ -138,7 +166,12 @@ class ALROptimizer(Optimizer):
         kappa_max: float = 1e5,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = True,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        state_dtype: torch.dtype | None = None,
+        rounding_seed: int = 0,
         backend: str = "auto",
+        stats_group: ProcessGroup | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -176,6 +209,10 @@ class ALROptimizer(Optimizer):
             hypergrad_exact=hypergrad_exact,
             kappa_min=kappa_min,
             kappa_max=kappa_max,
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
+            state_dtype=state_dtype,
+            rounding_seed=rounding_seed,
             backend=backend,
         )
         if family == "adam":
@@ -186,6 +223,9 @@ class ALROptimizer(Optimizer):
         self._telemetry: dict[str, Tensor] | None = None
         self._plans: dict[int, _GroupPlan] = {}
         self._state_version = 0
+        self.stats_group = stats_group
+        self._reduction_key: tuple | None = None
+        self._reduction: StatsReduction | None = None
         super().__init__(params, defaults)
         # GradScaler hands its scale and found_inf to step() instead of unscaling separately.
         self._step_supports_amp_scaling = True
@@ -207,11 +247,15 @@ class ALROptimizer(Optimizer):
             skip_nonfinite=self.skip_nonfinite,
             _telemetry=self._telemetry,
         )
+        # A process group cannot be pickled or deep-copied: the copy runs on one process.
+        state.pop("stats_group", None)
+        state.pop("_reduction", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_telemetry", None)
+        self.stats_group, self._reduction_key, self._reduction = None, None, None
         self._plans, self._state_version = {}, 0
         self._step_supports_amp_scaling = True
 
@@ -238,8 +282,21 @@ class ALROptimizer(Optimizer):
             skip_nonfinite=self.skip_nonfinite,
             grad_scale=getattr(self, "grad_scale", None),
             found_inf=getattr(self, "found_inf", None),
+            reduction=self._stats_reduction(),
         )
         return loss
+
+    def _stats_reduction(self) -> StatsReduction | None:
+        """How this step's statistics become global (None on one process), found again
+        only when the parameters change."""
+        key = tuple(len(group["params"]) for group in self.param_groups)
+        if key != self._reduction_key:
+            if self.stats_group is not None:
+                self._reduction = StatsReduction((self.stats_group,), per_tensor=False)
+            else:
+                self._reduction = sharded_reduction([p for group in self.param_groups for p in group["params"]])
+            self._reduction_key = key
+        return self._reduction
 
     def stats(self) -> ALRStats:
         """The adaptive scalars as device tensors (see :class:`ALRStats`)."""
@@ -276,9 +333,24 @@ class ALROptimizer(Optimizer):
                     self.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
                 elif step is not None:
                     self.state[p]["step"] = torch.tensor(float(step), device=p.device)
+        self._restore_state_dtypes(state_dict)
         if telemetry is not None:
             device = self.param_groups[0]["params"][0].device
             self._telemetry = {k: v.to(device) for k, v in telemetry.items()}
+
+    def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """torch's load casts every floating state tensor to its parameter's dtype; this
+        puts back, exactly, the float32 master copies, the int64 rounding keys and the
+        moments kept in a group's ``state_dtype``."""
+        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        params = ((p, g) for g in self.param_groups for p in g["params"])
+        for saved_id, (p, group) in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                dtype = {MASTER_KEY: torch.float32, ROUNDING_KEY: torch.int64}.get(key)
+                if dtype is None and key in MOMENT_KEYS:
+                    dtype = group["state_dtype"]
+                if dtype is not None and isinstance(value, Tensor):
+                    self.state[p][key] = value.to(dtype=dtype, device=p.device, copy=True)
 
     def _group_work(self, group: dict[str, Any]) -> GroupWork | None:
         """The group's share of this step, from its cached bucketing when still valid.
@@ -289,7 +361,7 @@ class ALROptimizer(Optimizer):
         or loaded). Per step only the gradients are collected.
         """
         hyper = _group_hyper(group, self.algorithm)
-        grads = [p.grad for p in group["params"]]
+        grads = [local_tensor(p.grad) if p.grad is not None else None for p in group["params"]]
         _check_dense(grads, group)
         plan = self._plans.get(id(group))
         if plan is None or plan.group is not group or plan.layout != self._layout(group, hyper, grads):
@@ -323,20 +395,26 @@ class ALROptimizer(Optimizer):
             if group["backend"] != "auto":
                 backends.check_device(group["backend"], p.device, p.dtype)
             state = self._init_state(p, hyper)
-            bucket = buckets.setdefault((p.device, p.dtype), Bucket([], [], []))
-            bucket.params.append(p)
-            bucket.grads.append(p.grad)
+            # A DTensor (FSDP2) is stepped through its local shard, which shares its storage.
+            local = local_tensor(p)
+            bucket = buckets.setdefault((local.device, local.dtype), Bucket([], [], []))
+            bucket.params.append(local)
+            bucket.grads.append(local_tensor(p.grad))
             bucket.steps.append(state["step"])
             bucket.positions.append(position)
             if hyper.algorithm == "adam":
-                bucket.exp_avgs.append(state["exp_avg"])
-                bucket.exp_avg_sqs.append(state["exp_avg_sq"])
+                bucket.exp_avgs.append(local_tensor(state["exp_avg"]))
+                bucket.exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
                 if hyper.amsgrad:
-                    bucket.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+                    bucket.max_exp_avg_sqs.append(local_tensor(state["max_exp_avg_sq"]))
             elif hyper.momentum != 0:
-                bucket.momentum_buffers.append(state["momentum_buffer"])
+                bucket.momentum_buffers.append(local_tensor(state["momentum_buffer"]))
             if hyper.needs_prev_direction:
-                bucket.prev_directions.append(state[PREV_DIRECTION_KEY])
+                bucket.prev_directions.append(local_tensor(state[PREV_DIRECTION_KEY]))
+            if MASTER_KEY in state:
+                bucket.master_params.append(local_tensor(state[MASTER_KEY]))
+            if ROUNDING_KEY in state:
+                bucket.rounding_keys.append(state[ROUNDING_KEY])
         return list(buckets.values())
 
     def _init_state(self, p: Tensor, hyper: GroupHyper) -> dict[str, Any]:
@@ -354,8 +432,20 @@ class ALROptimizer(Optimizer):
             keys.append(PREV_DIRECTION_KEY)
         for key in keys:
             if state.get(key) is None:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[key] = torch.zeros_like(p, dtype=hyper.state_dtype, memory_format=torch.preserve_format)
+        sixteen_bit = p.dtype in (torch.bfloat16, torch.float16)
+        if hyper.master_weights and sixteen_bit and state.get(MASTER_KEY) is None:
+            state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        if hyper.stochastic_rounding and p.dtype == torch.bfloat16 and not hyper.master_weights:
+            if state.get(ROUNDING_KEY) is None:
+                state[ROUNDING_KEY] = torch.tensor(self._rounding_key(p), dtype=torch.int64, device=p.device)
         return state
+
+    def _rounding_key(self, p: Tensor) -> int:
+        """A parameter's stream key: its rounding seed and its index in the optimizer."""
+        index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        return (group["rounding_seed"] * 0x9E3779B1 + index) & 0xFFFFFFFF
 
     def _kappa(self, group: dict[str, Any]) -> Tensor:
         """The group's κ, 1 at start."""
@@ -401,6 +491,9 @@ def _group_hyper(group: dict[str, Any], algorithm: str) -> GroupHyper:
         hypergrad_exact=group["hypergrad_exact"],
         kappa_min=group["kappa_min"],
         kappa_max=group["kappa_max"],
+        master_weights=group["master_weights"],
+        stochastic_rounding=group["stochastic_rounding"],
+        state_dtype=group["state_dtype"],
     )
     if algorithm == "adam":
         return GroupHyper(
@@ -429,6 +522,8 @@ def _check_group(group: dict[str, Any], algorithm: str) -> None:
         raise ValueError(f"Invalid hypergrad_norm_decay value: {group['hypergrad_norm_decay']}")
     if not 0 <= group["kappa_min"] <= group["kappa_max"]:
         raise ValueError(f"Invalid kappa bounds: [{group['kappa_min']}, {group['kappa_max']}]")
+    if group["state_dtype"] is not None and group["state_dtype"] not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {group['state_dtype']}. Expected None, torch.float32 or torch.bfloat16")
     backends.check_backend_name(group["backend"])
     if group["differentiable"]:
         raise RuntimeError("alr does not support differentiable=True: its fused step builds no autograd graph")

@@ -79,6 +79,28 @@ By default the statistics gathered while applying step ``t`` update ``κ`` for s
 (one read-modify-write pass). With ``hypergrad_exact`` a read-only pre-pass computes them
 first and the updated ``κ`` already drives step ``t`` (the paper's algorithm).
 
+Low precision
+-------------
+``state_dtype`` (float32 or bfloat16) stores the moments, the momentum buffer and the
+previous direction in that dtype instead of the parameter's; the math stays in opmath and
+each store rounds to nearest even.
+
+For 16-bit parameters, ``master_weights`` keeps a float32 copy ``master_param`` in the state:
+steps 1–3 read and update the master, and the parameter is written in the same pass as its
+image rounded to nearest even. Coupled weight decay reads the master too.
+
+Without a master, ``stochastic_rounding`` rounds each new bfloat16 parameter element
+stochastically and unbiasedly: with ``x`` the float32 result and ``r`` 16 random bits, the
+stored value is the top half of ``bits(x) + r`` (so ``x`` rounds up with probability equal
+to its distance from the lower neighbour, in units of the spacing); NaN rounds to nearest.
+``r`` comes from a counter-based stream, identical on every backend and reproducible from the
+state dict: with ``h`` the 32-bit integer hash :func:`hash32`, the parameter's
+``rounding_key`` ``K`` (set once from ``rounding_seed`` and the parameter's index), the step
+being taken ``t`` and the element's offset ``i`` in the parameter's memory (``i_lo``,
+``i_hi`` its low and high 32 bits)::
+
+    s = h(K ^ h(t));   r = h(h(s ^ i_lo) ^ i_hi) & 0xFFFF
+
 Statistics and adaptive scalars (``κ``, the grad norm, the skip counter) are device tensors:
 a step never synchronises with the host. Statistics are accumulated per tensor in opmath and
 combined in float32.
@@ -89,9 +111,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .bucket import Bucket, GroupHyper
+from .bucket import Bucket, GroupHyper, is_dense
 
-__all__ = ["grad_stats", "hypergrad_stats", "update", "clip_coefficient", "adapt_kappa"]
+__all__ = [
+    "adapt_kappa",
+    "clip_coefficient",
+    "grad_stats",
+    "hash32",
+    "hypergrad_stats",
+    "rounding_streams",
+    "stochastic_round_to_bfloat16",
+    "update",
+]
 
 STATS_DTYPE = torch.float32
 """dtype of every statistic and adaptive scalar (κ, grad norm)."""
@@ -101,6 +132,60 @@ CLIP_EPS = 1e-6
 
 COSINE_TINY = torch.finfo(torch.float32).tiny
 """Keeps the cosine of ``mult`` defined when a norm is zero (then ``dot`` is zero too)."""
+
+
+MASK32 = 0xFFFFFFFF
+
+
+def hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds, constants from Wellons' hash
+    prospector, both below 2^31 so that int64 products cannot overflow).
+
+    Args:
+        x: int64 tensor of values in ``[0, 2^32)``.
+
+    Returns:
+        int64 tensor of hashed values in ``[0, 2^32)``, the shape of ``x``.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & MASK32
+    return x ^ (x >> 15)
+
+
+def rounding_streams(keys: list[Tensor], steps: list[Tensor]) -> Tensor:
+    """The per-tensor stream ``s = h(K ^ h(t))`` of this step: int64 ``[n]`` in ``[0, 2^32)``.
+
+    Args:
+        keys: 0-d int64 ``rounding_key`` per parameter.
+        steps: 0-d float32 step counters *before* this step (``t`` = step + 1).
+    """
+    t = torch.stack(steps).to(torch.int64) + 1
+    return hash32(torch.stack(keys) ^ hash32(t & MASK32))
+
+
+def stochastic_round_to_bfloat16(x: Tensor, stream: Tensor, index: Tensor) -> Tensor:
+    """``x`` (float32) rounded stochastically to bfloat16 (see the module docstring).
+
+    Args:
+        x: float32 values.
+        stream: 0-d int64, the tensor's stream ``s`` of this step.
+        index: int64 element offsets ``i``, the shape of ``x``.
+    """
+    random = hash32(hash32(stream ^ (index & MASK32)) ^ (index >> 32)) & 0xFFFF
+    bits = x.view(torch.int32).to(torch.int64) & MASK32
+    top = ((bits + random) >> 16) & 0xFFFF
+    rounded = (top - (top >= 0x8000).to(torch.int64) * 0x10000).to(torch.int16).view(torch.bfloat16)
+    return torch.where(torch.isnan(x), x.to(torch.bfloat16), rounded)
+
+
+def element_offsets(t: Tensor) -> Tensor:
+    """int64 tensor of the shape of ``t``: each element's offset in ``t``'s memory when its
+    elements fill one block (contiguous, transposed, channels-last), else its index in
+    row-major order (backends step such tensors through a contiguous copy)."""
+    flat = torch.arange(t.numel(), device=t.device)
+    return flat.as_strided(t.shape, t.stride()) if is_dense(t) else flat.view(t.shape)
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -163,12 +248,14 @@ def update(
         The ``[len(bucket), 3]`` statistics when ``collect_stats``, else None.
     """
     step_fn = _adam_update if hyper.algorithm == "adam" else _sgd_update
+    streams = rounding_streams(bucket.rounding_keys, bucket.steps) if bucket.rounding_keys else None
     rows = []
     for i in range(len(bucket)):
         g = _effective_grad(bucket, i, hyper, grad_scale, clip_coef)
         if collect_stats:
             rows.append(_dot_and_norms(g, _prev_direction(bucket, i, hyper, g.dtype)))
-        step_fn(bucket, i, hyper, g, alphas[i], skip)
+        param = step_fn(bucket, i, hyper, g, alphas[i], skip)
+        _commit_param(bucket, i, param, skip, None if streams is None else streams[i])
         _commit(bucket.steps[i], bucket.steps[i] + 1, skip)
     return _as_stats(rows, bucket) if collect_stats else None
 
@@ -222,11 +309,12 @@ def adapt_kappa(
 
 def _adam_update(
     bucket: Bucket, i: int, hyper: GroupHyper, g: Tensor, alpha: Tensor, skip: Tensor | None
-) -> None:
+) -> Tensor:
+    """Updates the state of parameter ``i``; returns its new value in opmath (uncommitted)."""
     beta1, beta2 = hyper.betas
     opmath = g.dtype
     param, exp_avg, exp_avg_sq = (
-        _working(t, opmath, skip) for t in (bucket.params[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i])
+        _working(t, opmath, skip) for t in (_param_source(bucket, i), bucket.exp_avgs[i], bucket.exp_avg_sqs[i])
     )
     step = bucket.steps[i].double() + 1
     if hyper.weight_decay != 0 and hyper.decoupled_weight_decay:
@@ -242,13 +330,14 @@ def _adam_update(
     denom = (second_moment.sqrt() / bias_correction2_sqrt.to(opmath)).add_(hyper.eps)
     neg_step_size = (-alpha / bias_correction1).to(opmath)
     param.addcdiv_(exp_avg * neg_step_size, denom)
-    for dst, new in zip((bucket.params[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i]), (param, exp_avg, exp_avg_sq)):
-        _commit(dst, new, skip)
+    _commit(bucket.exp_avgs[i], exp_avg, skip)
+    _commit(bucket.exp_avg_sqs[i], exp_avg_sq, skip)
+    return param
 
 
 def _sgd_update(
     bucket: Bucket, i: int, hyper: GroupHyper, g: Tensor, alpha: Tensor, skip: Tensor | None
-) -> None:
+) -> Tensor:
     opmath = g.dtype
     direction = g
     if hyper.momentum != 0:
@@ -263,9 +352,8 @@ def _sgd_update(
         _commit(bucket.momentum_buffers[i], buf, skip)
     if hyper.needs_prev_direction:
         _commit(bucket.prev_directions[i], direction, skip)
-    param = _working(bucket.params[i], opmath, skip)
-    param.add_(direction * (-alpha).to(opmath))
-    _commit(bucket.params[i], param, skip)
+    param = _working(_param_source(bucket, i), opmath, skip)
+    return param.add_(direction * (-alpha).to(opmath))
 
 
 def _effective_grad(
@@ -275,16 +363,30 @@ def _effective_grad(
 
     May return the gradient itself (fp32 with nothing to apply): callers only read it.
     """
-    param = bucket.params[i]
-    opmath = opmath_dtype(param.dtype)
+    opmath = opmath_dtype(bucket.params[i].dtype)
     g = _unscaled(bucket.grads[i], grad_scale, opmath)
     if hyper.maximize:
         g = -g
     if clip_coef is not None:
         g = g * clip_coef.to(opmath)
     if hyper.weight_decay != 0 and not (hyper.algorithm == "adam" and hyper.decoupled_weight_decay):
-        g = g.add(param.to(opmath), alpha=hyper.weight_decay)
+        g = g.add(_param_source(bucket, i).to(opmath), alpha=hyper.weight_decay)
     return g
+
+
+def _param_source(bucket: Bucket, i: int) -> Tensor:
+    """The value steps 1–3 read: the float32 master copy when kept, else the parameter."""
+    return bucket.master_params[i] if bucket.master_params else bucket.params[i]
+
+
+def _commit_param(bucket: Bucket, i: int, new: Tensor, skip: Tensor | None, stream: Tensor | None) -> None:
+    """Write the new parameter value: into the master and its rounded image, or rounded
+    stochastically (``stream`` given), or rounded to nearest."""
+    if bucket.master_params:
+        _commit(bucket.master_params[i], new, skip)
+    elif stream is not None:
+        new = stochastic_round_to_bfloat16(new, stream, element_offsets(bucket.params[i]))
+    _commit(bucket.params[i], new, skip)
 
 
 def _prev_direction(bucket: Bucket, i: int, hyper: GroupHyper, opmath: torch.dtype) -> Tensor:

@@ -41,13 +41,15 @@ __all__ = [
     "sum_chunks_kernel",
 ]
 
-ADAM_STREAMS = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-"""Rows of the Adam kernel's ``state_ptrs`` (``max_exp_avg_sq`` only with amsgrad)."""
+ADAM_STREAMS = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+"""Rows of the Adam kernel's ``state_ptrs``: ``max_exp_avg_sq`` only with amsgrad,
+``master_param`` only with master weights (its row is ``MASTER_ROW``)."""
 ADAM_SCALARS = ("decay_factor", "neg_step_size", "bias_correction2_sqrt", "prev_bias_correction1",
                 "prev_bias_correction2_sqrt")  # fmt: skip
 """Columns of the Adam kernel's per-tensor scalars."""
-SGD_STREAMS = ("param", "momentum_buffer", "prev_direction")
-"""Rows of the SGD kernel's ``state_ptrs`` (the last two only where the options keep them)."""
+SGD_STREAMS = ("param", "momentum_buffer", "prev_direction", "master_param")
+"""Rows of the SGD kernel's ``state_ptrs``: the buffer row always (the parameter's pointer
+when there is no buffer), the others only where the options keep them (``MASTER_ROW``)."""
 SGD_SCALARS = ("neg_lr", "damp_weight")
 """Columns of the SGD kernel's per-tensor scalars."""
 
@@ -95,6 +97,58 @@ def _to_storage(x, STORAGE: tl.constexpr):
 
 
 @triton.jit
+def _hash32(x):
+    """:func:`alr.reference.hash32` on uint32 (products wrap modulo 2^32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def _round_stochastic_bf16(x, stream, offsets):
+    """float32 to bfloat16, rounded stochastically as :func:`alr.reference.
+    stochastic_round_to_bfloat16` does, element ``offsets`` of a tensor with ``stream``."""
+    low = (offsets & 0xFFFFFFFF).to(tl.uint32)
+    high = (offsets >> 32).to(tl.uint32)
+    random = _hash32(_hash32(stream ^ low) ^ high) & 0xFFFF
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = tl.where(x != x, 0x7FC0, (bits + random) >> 16)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _load_param(state_ptrs, n_tensors, tensor, offsets, mask, STORAGE: tl.constexpr,
+                MASTER: tl.constexpr, MASTER_ROW: tl.constexpr):  # fmt: skip
+    """The parameter's pointer and its value in float32: from the master copy when kept."""
+    param_ptr = _stream(state_ptrs, 0, n_tensors, tensor, STORAGE) + offsets
+    if MASTER:
+        master_ptr = _stream(state_ptrs, MASTER_ROW, n_tensors, tensor, tl.float32) + offsets
+        p = tl.load(master_ptr, mask=mask, other=0.0)
+    else:
+        p = tl.load(param_ptr, mask=mask, other=0.0).to(tl.float32)
+    return param_ptr, p
+
+
+@triton.jit
+def _store_param(p, param_ptr, state_ptrs, n_tensors, tensor, offsets, mask, rounding_streams,
+                 STORAGE: tl.constexpr, MASTER: tl.constexpr, MASTER_ROW: tl.constexpr,
+                 STOCHASTIC: tl.constexpr):  # fmt: skip
+    """Write the new parameter: the master and its rounded image, or rounded stochastically
+    (bfloat16), or rounded to nearest even."""
+    if MASTER:
+        master_ptr = _stream(state_ptrs, MASTER_ROW, n_tensors, tensor, tl.float32) + offsets
+        tl.store(master_ptr, p, mask=mask)
+        tl.store(param_ptr, _to_storage(p, STORAGE), mask=mask)
+    elif STOCHASTIC:
+        stream = tl.load(rounding_streams + tensor).to(tl.uint32)
+        tl.store(param_ptr, _round_stochastic_bf16(p, stream, offsets), mask=mask)
+    else:
+        tl.store(param_ptr, _to_storage(p, STORAGE), mask=mask)
+
+
+@triton.jit
 def _write_mask(offsets, numel, skip, HAS_SKIP: tl.constexpr):
     """The elements to store: none when the step is skipped. (The skip flag enters the
     bound, not a ``&`` with the mask: Triton's interpreter rejects a vector-and-scalar mask.)"""
@@ -125,6 +179,7 @@ def adam_kernel(
     clip_coef,  # 0-d float32: multiplies the gradient (HAS_CLIP)
     skip,  # 0-d bool: write nothing when true (HAS_SKIP)
     partials,  # float32 [chunks, 3]: the chunk's g·d_prev, g², d_prev² (STATS)
+    rounding_streams,  # int64 [n]: each tensor's stream of this step (STOCHASTIC)
     n_tensors,
     grad_sign,  # -1.0 under maximize, else 1.0
     lerp_weight,  # 1 - β1
@@ -132,12 +187,16 @@ def adam_kernel(
     one_minus_beta2,
     eps,
     weight_decay,
-    STORAGE: tl.constexpr,  # dtype of parameters, gradients and state
+    STORAGE: tl.constexpr,  # dtype of parameters and gradients
+    STATE: tl.constexpr,  # dtype of the moments
     HAS_SCALE: tl.constexpr,
     HAS_CLIP: tl.constexpr,
     HAS_SKIP: tl.constexpr,
     COUPLED_DECAY: tl.constexpr,  # Adam's L2 decay, added to the gradient
     AMSGRAD: tl.constexpr,
+    MASTER: tl.constexpr,  # float32 master copies in row MASTER_ROW
+    MASTER_ROW: tl.constexpr,
+    STOCHASTIC: tl.constexpr,  # round the bfloat16 parameter stochastically
     WRITE: tl.constexpr,  # update in place (False: statistics only)
     STATS: tl.constexpr,  # write the hypergradient statistics of d_prev
     BLOCK: tl.constexpr,
@@ -145,18 +204,17 @@ def adam_kernel(
     """One Adam/AdamW step (or its statistics) on one chunk; see the module docstring."""
     chunk, tensor, numel, offsets = _chunk(chunk_tensor, chunk_start, numels, BLOCK)
     mask = offsets < numel
-    param_ptr = _stream(state_ptrs, 0, n_tensors, tensor, STORAGE) + offsets
-    exp_avg_ptr = _stream(state_ptrs, 1, n_tensors, tensor, STORAGE) + offsets
-    exp_avg_sq_ptr = _stream(state_ptrs, 2, n_tensors, tensor, STORAGE) + offsets
+    param_ptr, p = _load_param(state_ptrs, n_tensors, tensor, offsets, mask, STORAGE, MASTER, MASTER_ROW)
+    exp_avg_ptr = _stream(state_ptrs, 1, n_tensors, tensor, STATE) + offsets
+    exp_avg_sq_ptr = _stream(state_ptrs, 2, n_tensors, tensor, STATE) + offsets
     grad_ptr = tl.load(grad_ptrs + tensor).to(tl.pointer_type(STORAGE)) + offsets
 
-    p = tl.load(param_ptr, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(exp_avg_ptr, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(exp_avg_sq_ptr, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr, mask=mask, other=0.0).to(tl.float32)
     g = _effective_grad(g, p, grad_scale, clip_coef, grad_sign, weight_decay, HAS_SCALE, HAS_CLIP, COUPLED_DECAY)
     if AMSGRAD:
-        max_exp_avg_sq_ptr = _stream(state_ptrs, 3, n_tensors, tensor, STORAGE) + offsets
+        max_exp_avg_sq_ptr = _stream(state_ptrs, 3, n_tensors, tensor, STATE) + offsets
         v_max = tl.load(max_exp_avg_sq_ptr, mask=mask, other=0.0).to(tl.float32)
         second_moment = v_max
     else:
@@ -186,11 +244,12 @@ def adam_kernel(
         denom = tl.sqrt(second_moment) / tl.load(row + 2) + eps
         p = p + (m * tl.load(row + 1)) / denom
         mask = _write_mask(offsets, numel, skip, HAS_SKIP)
-        tl.store(param_ptr, _to_storage(p, STORAGE), mask=mask)
-        tl.store(exp_avg_ptr, _to_storage(m, STORAGE), mask=mask)
-        tl.store(exp_avg_sq_ptr, _to_storage(v, STORAGE), mask=mask)
+        _store_param(p, param_ptr, state_ptrs, n_tensors, tensor, offsets, mask, rounding_streams,
+                     STORAGE, MASTER, MASTER_ROW, STOCHASTIC)  # fmt: skip
+        tl.store(exp_avg_ptr, _to_storage(m, STATE), mask=mask)
+        tl.store(exp_avg_sq_ptr, _to_storage(v, STATE), mask=mask)
         if AMSGRAD:
-            tl.store(max_exp_avg_sq_ptr, _to_storage(v_max, STORAGE), mask=mask)
+            tl.store(max_exp_avg_sq_ptr, _to_storage(v_max, STATE), mask=mask)
 
 
 @triton.jit
@@ -205,11 +264,13 @@ def sgd_kernel(
     clip_coef,  # 0-d float32 (HAS_CLIP)
     skip,  # 0-d bool (HAS_SKIP)
     partials,  # float32 [chunks, 3] (STATS)
+    rounding_streams,  # int64 [n] (STOCHASTIC)
     n_tensors,
     grad_sign,  # -1.0 under maximize, else 1.0
     momentum,
     weight_decay,
     STORAGE: tl.constexpr,
+    STATE: tl.constexpr,  # dtype of the momentum buffer and the previous direction
     HAS_SCALE: tl.constexpr,
     HAS_CLIP: tl.constexpr,
     HAS_SKIP: tl.constexpr,
@@ -217,6 +278,9 @@ def sgd_kernel(
     MOMENTUM: tl.constexpr,  # momentum != 0: the buffer exists
     NESTEROV: tl.constexpr,
     STORE_PREV: tl.constexpr,  # d_t is kept in prev_direction (and d_{t-1} read from it)
+    MASTER: tl.constexpr,
+    MASTER_ROW: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     WRITE: tl.constexpr,
     STATS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -224,16 +288,15 @@ def sgd_kernel(
     """One SGD step (or its statistics) on one chunk; see the module docstring."""
     chunk, tensor, numel, offsets = _chunk(chunk_tensor, chunk_start, numels, BLOCK)
     mask = offsets < numel
-    param_ptr = _stream(state_ptrs, 0, n_tensors, tensor, STORAGE) + offsets
+    param_ptr, p = _load_param(state_ptrs, n_tensors, tensor, offsets, mask, STORAGE, MASTER, MASTER_ROW)
     grad_ptr = tl.load(grad_ptrs + tensor).to(tl.pointer_type(STORAGE)) + offsets
-    p = tl.load(param_ptr, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr, mask=mask, other=0.0).to(tl.float32)
     g = _effective_grad(g, p, grad_scale, clip_coef, grad_sign, weight_decay, HAS_SCALE, HAS_CLIP, COUPLED_DECAY)
     if MOMENTUM:
-        buffer_ptr = _stream(state_ptrs, 1, n_tensors, tensor, STORAGE) + offsets
+        buffer_ptr = _stream(state_ptrs, 1, n_tensors, tensor, STATE) + offsets
         b = tl.load(buffer_ptr, mask=mask, other=0.0).to(tl.float32)
     if STORE_PREV:
-        prev_ptr = _stream(state_ptrs, 2, n_tensors, tensor, STORAGE) + offsets
+        prev_ptr = _stream(state_ptrs, 2, n_tensors, tensor, STATE) + offsets
 
     if STATS:
         if STORE_PREV:
@@ -252,11 +315,12 @@ def sgd_kernel(
                 direction = b
         p = p + direction * tl.load(scalars + tensor * 2 + 0)
         mask = _write_mask(offsets, numel, skip, HAS_SKIP)
-        tl.store(param_ptr, _to_storage(p, STORAGE), mask=mask)
+        _store_param(p, param_ptr, state_ptrs, n_tensors, tensor, offsets, mask, rounding_streams,
+                     STORAGE, MASTER, MASTER_ROW, STOCHASTIC)  # fmt: skip
         if MOMENTUM:
-            tl.store(buffer_ptr, _to_storage(b, STORAGE), mask=mask)
+            tl.store(buffer_ptr, _to_storage(b, STATE), mask=mask)
         if STORE_PREV:
-            tl.store(prev_ptr, _to_storage(direction, STORAGE), mask=mask)
+            tl.store(prev_ptr, _to_storage(direction, STATE), mask=mask)
 
 
 @triton.jit

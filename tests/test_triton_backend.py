@@ -159,6 +159,7 @@ def test_custom_ops_pass_opcheck(triton_device: torch.device) -> None:
     lists = (
         [p.detach() for p in params], like(1.0), [torch.tensor(2.0, device=triton_device) for _ in params],
         like(0.1), [v.abs() for v in like(0.01)], [v.abs() for v in like(0.02)], [], [],
+        [p.detach().float() for p in params], [],  # master weights (a no-op copy for fp32), no rounding keys
     )  # fmt: skip
     scale, clip, skip = (torch.tensor(v, device=triton_device) for v in (4.0, 0.5, False))
     alphas = torch.full((2,), 0.01, dtype=torch.float64, device=triton_device)
