@@ -17,7 +17,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import backends
 from .bucket import Bucket, GroupHyper
-from .distributed import StatsReduction, local_tensor, sharded_reduction
+from .distributed import StatsReduction, local_grads, local_tensor, sharded_reduction
 from .functional import GroupWork, alr_step
 from .reference import STATS_DTYPE
 
@@ -361,7 +361,7 @@ class ALROptimizer(Optimizer):
         or loaded). Per step only the gradients are collected.
         """
         hyper = _group_hyper(group, self.algorithm)
-        grads = [local_tensor(p.grad) if p.grad is not None else None for p in group["params"]]
+        grads = local_grads(group["params"])
         _check_dense(grads, group)
         plan = self._plans.get(id(group))
         if plan is None or plan.group is not group or plan.layout != self._layout(group, hyper, grads):
