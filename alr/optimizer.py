@@ -127,8 +127,11 @@ class ALROptimizer(Optimizer):
         stochastic_rounding: round bfloat16 parameters (without master weights)
             stochastically, from a counter-based stream keyed on (``rounding_seed``, the
             parameter's index, the step, the element): unbiased and reproducible.
-        state_dtype: dtype of the moments / momentum buffer (float32 or bfloat16); None:
-            the parameter's, as torch.optim.
+        state_dtype: dtype of the moments / momentum buffer (float32 or bfloat16). None:
+            float32 for 16-bit parameters with ``master_weights`` or
+            ``stochastic_rounding`` (moments rounded to bfloat16 cannot decay by β2 = 0.999
+            per step: measured +30% final loss on the digits MLP, see the README), else the
+            parameter's dtype, as torch.optim.
         rounding_seed: the seed of the stochastic-rounding streams.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; the
             ``ALR_BACKEND`` environment variable replaces ``"auto"``.
@@ -348,7 +351,7 @@ class ALROptimizer(Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 dtype = {MASTER_KEY: torch.float32, ROUNDING_KEY: torch.int64}.get(key)
                 if dtype is None and key in MOMENT_KEYS:
-                    dtype = group["state_dtype"]
+                    dtype = state_dtype_for(p, group["state_dtype"], group["master_weights"], group["stochastic_rounding"])
                 if dtype is not None and isinstance(value, Tensor):
                     self.state[p][key] = value.to(dtype=dtype, device=p.device, copy=True)
 
@@ -432,7 +435,8 @@ class ALROptimizer(Optimizer):
             keys.append(PREV_DIRECTION_KEY)
         for key in keys:
             if state.get(key) is None:
-                state[key] = torch.zeros_like(p, dtype=hyper.state_dtype, memory_format=torch.preserve_format)
+                dtype = state_dtype_for(p, hyper.state_dtype, hyper.master_weights, hyper.stochastic_rounding)
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         sixteen_bit = p.dtype in (torch.bfloat16, torch.float16)
         if hyper.master_weights and sixteen_bit and state.get(MASTER_KEY) is None:
             state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
@@ -469,6 +473,15 @@ class ALROptimizer(Optimizer):
             self._telemetry = _new_telemetry(device)
         self._telemetry = {k: v.to(device) for k, v in self._telemetry.items()}
         return self._telemetry
+
+
+def state_dtype_for(p: Tensor, state_dtype: torch.dtype | None, master_weights: bool, stochastic_rounding: bool) -> torch.dtype:
+    """The dtype of ``p``'s moments and buffers (see the ``state_dtype`` argument)."""
+    if state_dtype is not None:
+        return state_dtype
+    if (master_weights or stochastic_rounding) and p.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return p.dtype
 
 
 def _new_telemetry(device: torch.device) -> dict[str, Tensor]:

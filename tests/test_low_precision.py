@@ -26,6 +26,7 @@ CASES = {
         torch.float16,
         dict(algorithm="adam", master_weights=True, state_dtype=torch.float32, amsgrad=True, weight_decay=0.1, max_grad_norm=1.0, **HD),
     ),
+    "adamw-bf16-master-bf16-state": (torch.bfloat16, dict(algorithm="adamw", master_weights=True, state_dtype=torch.bfloat16, **HD)),
     "adamw-bf16-stochastic": (torch.bfloat16, dict(algorithm="adamw", stochastic_rounding=True, **HD)),
     "sgd-nesterov-bf16-stochastic": (torch.bfloat16, dict(algorithm="sgd", momentum=0.9, nesterov=True, stochastic_rounding=True, **HD)),
     "adamw-fp32-bf16-state": (torch.float32, dict(algorithm="adamw", state_dtype=torch.bfloat16, **HD)),
@@ -122,6 +123,28 @@ def test_stochastic_rounding_streams_are_reproducible_and_vary() -> None:
     assert not torch.equal(run(0, 3), run(1, 3))
     keys = reference.rounding_streams([torch.tensor(5), torch.tensor(5)], [torch.tensor(0.0), torch.tensor(1.0)])
     assert keys[0] != keys[1] and (keys >= 0).all() and (keys < 2**32).all()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "options", "expected"),
+    [
+        (torch.bfloat16, {}, torch.bfloat16),  # torch.optim's choice
+        (torch.bfloat16, {"master_weights": True}, torch.float32),
+        (torch.bfloat16, {"stochastic_rounding": True}, torch.float32),
+        (torch.float16, {"master_weights": True}, torch.float32),
+        (torch.bfloat16, {"master_weights": True, "state_dtype": torch.bfloat16}, torch.bfloat16),
+        (torch.float32, {"master_weights": True}, torch.float32),
+    ],
+)
+def test_default_state_dtype(dtype: torch.dtype, options: dict, expected: torch.dtype) -> None:
+    """Moments are float32 by default under master weights and stochastic rounding: in
+    bfloat16, v cannot decay by β2 = 0.999 (its change is below half an ulp)."""
+    params = typed_params([(8,)], dtype)
+    opt = alr.ALROptimizer(params, algorithm="sgd", momentum=0.9, backend="reference", **options)
+    set_same_grads([params], seed=0)
+    opt.step()
+    assert opt.state[params[0]]["momentum_buffer"].dtype == expected
+    assert ("master_param" in opt.state[params[0]]) == (options.get("master_weights", False) and dtype != torch.float32)
 
 
 def test_state_dtype_stores_moments_in_bfloat16() -> None:
