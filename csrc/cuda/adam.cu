@@ -87,7 +87,7 @@ struct AdamOp {
 };
 
 template <typename S, Mode kMode>
-__global__ void __launch_bounds__(kBlockThreads) adam_kernel(const __grid_constant__ AdamArgs args) {
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) adam_kernel(const __grid_constant__ AdamArgs args) {
   using Op = AdamOp<kMode>;
   constexpr int kSlots = 3;
   const Table& t = args.table;

@@ -25,6 +25,9 @@ namespace alr {
 namespace cuda {
 
 constexpr int kWarps = kBlockThreads / 32;
+// Two resident blocks per SM (at most 64 registers per thread): a block alone would keep a
+// quarter of an SM's warps in flight, too few to saturate HBM with these loads.
+constexpr int kMinBlocksPerSm = 2;
 static_assert(kBlockThreads % 32 == 0 && kWarps <= 32, "the block reduction needs whole warps, at most 32");
 
 template <typename S>

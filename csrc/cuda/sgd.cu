@@ -67,7 +67,7 @@ struct SgdOp {
 };
 
 template <typename S, Mode kMode>
-__global__ void __launch_bounds__(kBlockThreads) sgd_kernel(const __grid_constant__ SgdArgs args) {
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) sgd_kernel(const __grid_constant__ SgdArgs args) {
   using Op = SgdOp<kMode>;
   constexpr int kSlots = 3;
   const Table& t = args.table;

@@ -33,7 +33,7 @@ struct GradStatsOp {
 };
 
 template <typename S>
-__global__ void __launch_bounds__(kBlockThreads) grad_stats_kernel(const __grid_constant__ GradStatsArgs args) {
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) grad_stats_kernel(const __grid_constant__ GradStatsArgs args) {
   const ChunkOf<GradTable> chunk(args.table);
   GradStatsOp op;
   op.has_scale = args.scalars.grad_scale != nullptr;
