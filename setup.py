@@ -29,9 +29,12 @@ OPT_FLAGS = ["-O0", "-g"] if DEBUG else ["-O3"]
 # ATen's at::parallel_for is an inline template: it runs serially unless the
 # translation unit that calls it is compiled with OpenMP.
 OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
-# No -ffast-math / --use_fast_math: kernels must match the reference's rounding.
-CXX_FLAGS = [*OPT_FLAGS, "-std=c++17", "-fno-math-errno", *OPENMP_FLAGS]
-NVCC_FLAGS = [*OPT_FLAGS, "-std=c++17", "-lineinfo"]
+# No -ffast-math / --use_fast_math: kernels must match the reference's rounding, and
+# --fmad=false keeps nvcc from contracting a*b+c into an fma where the CPU kernels and
+# torch round twice (see csrc/alr_math.h). No -std: torch's BuildExtension adds the
+# standard its headers need (C++20 since torch 2.14, whose headers fail under C++17).
+CXX_FLAGS = [*OPT_FLAGS, "-fno-math-errno", *OPENMP_FLAGS]
+NVCC_FLAGS = [*OPT_FLAGS, "-lineinfo", "--fmad=false"]
 # Build machines have no GPU, so torch cannot detect one; without a list it would
 # compile for every architecture it knows. SASS for Ampere and Hopper, PTX for newer.
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"

@@ -1,9 +1,13 @@
-"""The ``cpu`` backend: :mod:`alr.reference`'s three functions on the compiled ``alr`` ops.
+"""The ``cpu`` and ``cuda`` backends: :mod:`alr.reference`'s three functions on the compiled
+``alr`` ops.
 
 Each function hands a whole bucket to one op call (``torch.ops.alr.grad_stats``,
-``hypergrad_stats`` or ``update_``, defined in ``csrc/registration.cpp`` and implemented in
-``csrc/cpu/ops.cpp``); the op reads the per-tensor scalars on its host side and runs every
-tensor's elements across torch's intra-op threads. The Python side does no per-tensor work:
+``hypergrad_stats`` or ``update_``, defined in ``csrc/registration.cpp``); the dispatcher
+runs the kernel of the bucket's device. The CPU kernel (``csrc/cpu/ops.cpp``, in ``alr._C``)
+reads the per-tensor scalars on its host side and runs every tensor's elements across
+torch's intra-op threads. The CUDA kernel (``csrc/cuda/ops.cpp``, in ``alr._C_cuda``) reads
+nothing on the host: its kernels take the step counters, learning rates, GradScaler scale,
+clip coefficient and skip flag by device pointer. The Python side does no per-tensor work:
 the bucket's lists are passed as they are.
 
 Fake (meta) implementations are registered here, so the ops trace under ``torch.compile``
@@ -25,8 +29,10 @@ _STATS = torch.float32
 
 
 def ops_available(dispatch_key: str = "CPU") -> bool:
-    """Whether ``alr._C`` loaded and registered every op for ``dispatch_key``."""
-    if _extension.load_cpu_extension() is None:
+    """Whether the extension of ``dispatch_key`` (``alr._C`` for "CPU", ``alr._C_cuda``, which
+    loads ``alr._C`` first, for "CUDA") loaded and registered every op for that key."""
+    load = _extension.load_cuda_extension if dispatch_key == "CUDA" else _extension.load_cpu_extension
+    if load() is None:
         return False
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"alr::{op}", dispatch_key) for op in _OPS)
 

@@ -5,10 +5,12 @@ signatures of :mod:`alr.reference`, which is always available and is the oracle.
 
 Resolution, per (device, dtype) bucket:
 
-* ``"auto"`` picks the fastest available backend for the device and dtype (CPU: ``cpu``;
-  CUDA: ``cuda``, then ``triton``, which takes 16- and 32-bit parameters only) and falls
-  back to ``reference`` with a one-time :class:`ALRBackendFallbackWarning` giving the
-  reason;
+* ``"auto"`` picks the first available backend of ``_AUTO_ORDER`` for the device and dtype
+  (CPU: ``cpu``; CUDA: ``cuda``, then ``triton``; both GPU backends take 16- and 32-bit
+  parameters only) and falls back to ``reference`` with a one-time
+  :class:`ALRBackendFallbackWarning` giving the reason. The CUDA order puts the CUDA C++
+  kernels first because they need no JIT compilation and no device tables; it is to be
+  confirmed or swapped by ``python -m bench --device cuda`` (``tests/gpu_check.sh``);
 * an explicit name that is unavailable raises, with the reason;
 * the ``ALR_BACKEND`` environment variable replaces the default ``"auto"``.
 
@@ -40,7 +42,8 @@ __all__ = [
 BackendName = Literal["auto", "reference", "cpu", "cuda", "triton"]
 BACKENDS: tuple[str, ...] = ("reference", "cpu", "cuda", "triton")
 _DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
-_DTYPES = {"triton": (torch.float32, torch.bfloat16, torch.float16)}
+_GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = {"cuda": _GPU_DTYPES, "triton": _GPU_DTYPES}
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 _LOW_PRECISION = ("reference", "triton")
 """Backends with kernels for master weights, stochastic rounding and a separate state dtype."""
@@ -70,22 +73,30 @@ def backend_unavailable_reason(name: str) -> str | None:
     error = _extension.cpu_extension_error() if name == "cpu" else _extension.cuda_extension_error()
     if error is not None:
         return error
-    if name == "cpu" and _cpu_ops_registered():
+    key = name.upper()
+    if _ops_registered(key):
         return None
-    return f"the alr extension has no {name.upper()} kernel yet (issue #{4 if name == 'cpu' else 6})"
+    return f"the alr extension registered no {key} kernels for the alr ops"
 
 
 _cpu_ops: bool | None = None
+_cuda_ops: bool | None = None
 
 
-def _cpu_ops_registered() -> bool:
-    """Whether alr._C registered the CPU ops (checked once: resolution runs every step)."""
-    global _cpu_ops
-    if _cpu_ops is None:
-        from . import _native
+def _ops_registered(dispatch_key: str) -> bool:
+    """Whether the extensions registered every alr op for ``dispatch_key`` ("CPU" or
+    "CUDA"); checked once per key, since resolution runs every step, and kept in plain
+    globals, which ``torch.compile`` reads as constants."""
+    global _cpu_ops, _cuda_ops
+    from . import _native
 
-        _cpu_ops = _native.ops_available("CPU")
-    return _cpu_ops
+    if dispatch_key == "CPU":
+        if _cpu_ops is None:
+            _cpu_ops = _native.ops_available("CPU")
+        return _cpu_ops
+    if _cuda_ops is None:
+        _cuda_ops = _native.ops_available("CUDA")
+    return _cuda_ops
 
 
 _triton_status: tuple[bool, str | None] | None = None
@@ -159,7 +170,8 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype, low_precis
 def _module(name: str) -> ModuleType:
     if name == "reference":
         return reference
-    if name == "cpu":
+    if name in ("cpu", "cuda"):
+        # The same alr ops; the dispatcher picks the CPU or CUDA kernel by the tensors' device.
         from . import _native
 
         return _native

@@ -40,7 +40,7 @@ echo "== GPU tests"
 # Compiled for the GPU, not interpreted; device-generic tests run on CUDA tensors.
 export TRITON_INTERPRET=0 ALR_TEST_DEVICE=cuda
 "$PYTHON" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
-  tests/test_backend_parity.py tests/test_triton_backend.py tests/test_compile_and_graphs.py \
+  tests/test_backend_parity.py tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_compile_and_graphs.py \
   tests/test_no_host_sync.py tests/test_low_precision.py tests/test_optimizer_api.py tests/test_state_dict.py
 tests_status=$?
 

@@ -70,6 +70,26 @@ def test_extension_errors_match_loaded_modules() -> None:
     assert info["errors"].get("cuda") == _extension.cuda_extension_error()
 
 
+def test_cuda_extension_registers_its_kernels() -> None:
+    """Where alr._C_cuda was built (a CUDA build of torch and a matching nvcc, GPU or not),
+    it imports without a GPU, registers every op under the CUDA dispatch key, and the
+    ``cuda`` backend reports itself available for CUDA tensors."""
+    if _extension.load_cuda_extension() is None:
+        pytest.skip(f"alr._C_cuda is not built here: {_extension.cuda_extension_error()}")
+    from alr import _native, backends
+
+    info = _extension.build_info()
+    ops = ["alr::grad_stats", "alr::hypergrad_stats", "alr::update_"]
+    assert info["cuda"] is True and info["cuda_kernels"] == ops
+    assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
+    assert all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for op in ops)
+    assert _native.ops_available("CUDA")
+    assert backends.backend_unavailable_reason("cuda") is None
+    assert backends.resolve("cuda", torch.device("cuda"), torch.bfloat16) is _native
+    with pytest.raises(ValueError, match="float16 parameters, but a parameter is torch.float64"):
+        backends.resolve("cuda", torch.device("cuda"), torch.float64)
+
+
 def test_kernels_installed_only_as_alr_kernels(tmp_path: Path) -> None:
     code = (
         "import importlib.util, json, alr.kernels\n"
@@ -137,14 +157,18 @@ def test_native_tests_pass_under_sanitizers() -> None:
 def test_import_and_step_without_extension_or_triton(tmp_path: Path) -> None:
     """With alr._C and triton unimportable, alr still imports and steps on the reference,
     and an explicit native backend raises with the import failure as its reason."""
+    # torch is imported before the blocker: torch 2.14's CUDA build probes for Triton with
+    # importlib.util.find_spec at import time (without importing it).
     code = """
 import sys, warnings
+import torch
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name in ("alr._C", "alr._C_cuda", "triton"):
             raise ImportError(f"blocked {name}")
 sys.meta_path.insert(0, Block())
-import torch, alr
+import alr
+assert "triton" not in sys.modules
 assert alr.available_backends() == ["reference"], alr.available_backends()
 p = torch.nn.Parameter(torch.ones(3))
 p.grad = torch.ones(3)

@@ -1,7 +1,9 @@
 // Native tests of the CPU kernels without Python or torch: the element math of alr_math.h,
 // the 16-bit conversions, every kernel variant on plain arrays (against a scalar loop over
 // alr_math.h and across instruction sets) and the multi-tensor work plan, including
-// tensors of more than 2^31 elements (planned, never allocated).
+// tensors of more than 2^31 elements (planned, never allocated). Also the host side of
+// the CUDA multi-tensor apply (csrc/cuda/multi_tensor.h): how chunks are packed into
+// launches and statistics rows, which needs no GPU.
 //
 // Built and registered with ctest by CMakeLists.txt (target alr_native_tests); exits
 // non-zero when a check fails. Runs in about a second, under ASan/UBSan in a few.
@@ -14,10 +16,12 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/kernels.h"
 #include "cpu/multi_tensor.h"
+#include "cuda/multi_tensor.h"
 
 // The reference formulas below must round like the kernels: no contraction into fma.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -642,6 +646,114 @@ void test_work_plan() {
   CHECK(threw, "a negative numel is rejected");
 }
 
+// --- CUDA launch packing (csrc/cuda/multi_tensor.h) -------------------------------------------
+
+// Packs `numels` into tables of Table's capacity and checks every launch: at most kMaxBlocks
+// blocks and kMaxTensors slots, each block's slot filled by set_slot for the right tensor,
+// and over all launches every chunk of every tensor exactly once, in tensor-major order,
+// with statistics row first_row + chunk equal to its position in that order.
+template <typename Table>
+void check_packing(const std::vector<int64_t>& numels, int64_t chunk) {
+  Table table;
+  std::vector<std::pair<int64_t, int64_t>> seen;  // (tensor, chunk) in launch order
+  int64_t launches = 0;
+  bool slots_ok = true;
+  auto set_slot = [&](int slot, int64_t i) {
+    table.ptrs[0][slot] = reinterpret_cast<void*>(static_cast<uintptr_t>(i + 1) * 16);
+  };
+  auto launch = [&](int blocks) {
+    ++launches;
+    CHECK(blocks > 0 && blocks <= Table::kMaxBlocks, "launch %lld has %d blocks", static_cast<long long>(launches),
+          blocks);
+    for (int b = 0; b < blocks; ++b) {
+      const int slot = table.block_slot[b];
+      slots_ok = slots_ok && slot < Table::kMaxTensors;
+      const int64_t i = table.index[slot];
+      const int64_t c = table.block_chunk[b];
+      slots_ok = slots_ok && table.ptrs[0][slot] == reinterpret_cast<void*>(static_cast<uintptr_t>(i + 1) * 16) &&
+                 table.numel[slot] == numels[i] && c * chunk < numels[i];
+      slots_ok = slots_ok && table.first_row[slot] + c == static_cast<int64_t>(seen.size());
+      seen.emplace_back(i, c);
+    }
+  };
+  const int64_t rows =
+      alr::cuda::pack_launches(numels.data(), static_cast<int64_t>(numels.size()), chunk, table, set_slot, launch);
+  CHECK(slots_ok, "a block's slot does not describe its tensor, or rows are out of order");
+  std::vector<std::pair<int64_t, int64_t>> expected;
+  int64_t nonempty = 0;
+  for (size_t i = 0; i < numels.size(); ++i) {
+    nonempty += numels[i] > 0 ? 1 : 0;
+    for (int64_t c = 0; c < alr::cuda::num_chunks(numels[i], chunk); ++c) {
+      expected.emplace_back(static_cast<int64_t>(i), c);
+    }
+  }
+  CHECK(seen == expected, "chunks launched %zu, expected %zu, or out of order", seen.size(), expected.size());
+  CHECK(rows == static_cast<int64_t>(expected.size()), "rows %lld", static_cast<long long>(rows));
+  // Launches grow with chunks and (kMaxTensors at a time) with tensors, never one per tensor.
+  const int64_t chunks = static_cast<int64_t>(expected.size());
+  const int64_t bound = (chunks + Table::kMaxBlocks - 1) / Table::kMaxBlocks +
+                        (nonempty + Table::kMaxTensors - 1) / Table::kMaxTensors;
+  CHECK(launches <= bound, "%lld launches for %lld chunks of %lld tensors", static_cast<long long>(launches),
+        static_cast<long long>(chunks), static_cast<long long>(nonempty));
+
+  // The finishing sum: every tensor (empty ones too) owns exactly its chunks' rows.
+  alr::cuda::RowTable<3> ranges;
+  int64_t next_tensor = 0;
+  int64_t next_row = 0;
+  alr::cuda::pack_row_ranges(numels.data(), static_cast<int64_t>(numels.size()), chunk, ranges, [&](int count) {
+    CHECK(ranges.first == next_tensor && count > 0 && count <= 3, "row ranges start at %lld",
+          static_cast<long long>(ranges.first));
+    for (int b = 0; b < count; ++b) {
+      const int64_t i = ranges.first + b;
+      CHECK(ranges.row_begin[b] == next_row &&
+                ranges.row_begin[b + 1] - ranges.row_begin[b] == alr::cuda::num_chunks(numels[i], chunk),
+            "rows of tensor %lld", static_cast<long long>(i));
+      next_row = ranges.row_begin[b + 1];
+    }
+    next_tensor += count;
+  });
+  CHECK(next_tensor == static_cast<int64_t>(numels.size()) && next_row == rows, "row ranges cover %lld tensors",
+        static_cast<long long>(next_tensor));
+}
+
+void test_cuda_launch_packing() {
+  using Small = alr::cuda::TensorTable<2, 3, 4>;  // 3 tensor slots, 4 blocks per launch
+  check_packing<Small>({}, 4);
+  check_packing<Small>({0, 0}, 4);
+  check_packing<Small>({1, 2, 3}, 4);             // three slots used, one launch
+  check_packing<Small>({1, 2, 3, 4}, 4);          // the fourth tensor starts a new table
+  check_packing<Small>({17}, 4);                  // 5 chunks: split over two launches
+  check_packing<Small>({5, 0, 13, 1, 0, 4, 9, 8, 3, 33}, 4);
+  check_packing<Small>({4, 4, 4, 4, 4, 4, 4}, 4);  // slots, not blocks, fill first
+  check_packing<Small>(std::vector<int64_t>(100, 3), 4);
+
+  // The production tables, with tensors of more than 2^31 elements (planned, never allocated).
+  using AdamTable = alr::cuda::TableFor<6>::type;
+  const int64_t big = (int64_t{1} << 31) + 7;
+  check_packing<AdamTable>({big, 1024, 0, 3 * (int64_t{1} << 31) + 12345, 1}, alr::cuda::kChunkSize);
+  check_packing<AdamTable>(std::vector<int64_t>(1000, 4096), alr::cuda::kChunkSize);
+  check_packing<alr::cuda::TableFor<1>::type>({70000, 1, 16384, 16385}, alr::cuda::kChunkSize);
+  CHECK(AdamTable::kMaxTensors >= 16, "Adam table holds %d tensors", AdamTable::kMaxTensors);
+
+  // The last chunk of a 2^31 + 7 element tensor starts past 2^31 and holds the 7 elements.
+  AdamTable table;
+  int64_t last_chunk = -1;
+  alr::cuda::pack_launches(&big, 1, alr::cuda::kChunkSize, table, [](int, int64_t) {}, [&](int blocks) {
+    last_chunk = table.block_chunk[blocks - 1];
+  });
+  const int64_t begin = last_chunk * alr::cuda::kChunkSize;
+  CHECK(begin == (int64_t{1} << 31) && big - begin == 7, "last chunk begins at %lld", static_cast<long long>(begin));
+
+  bool threw = false;
+  try {
+    const int64_t negative = -1;
+    alr::cuda::pack_launches(&negative, 1, 4, table, [](int, int64_t) {}, [](int) {});
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw, "a negative numel is rejected");
+}
+
 }  // namespace
 
 int main() {
@@ -652,6 +764,7 @@ int main() {
   test_kernels();
   test_isa_and_segment_invariance();
   test_work_plan();
+  test_cuda_launch_packing();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

@@ -1,0 +1,473 @@
+// CUDA implementations of the alr ops (schemas in csrc/registration.cpp), registered under
+// the CUDA dispatch key of the same operators as the CPU kernels.
+//
+// One call handles one bucket: every tensor of one (device, dtype) of a param group, on
+// the current stream of that device. The host side validates the tensors, collects their
+// data pointers and launches the kernels of adam.cu / sgd.cu / stats.cu; it never reads a
+// device tensor. Step counters, effective learning rates, the GradScaler's scale, the clip
+// coefficient and the skip flag are read by the kernels (see launch.h), so a call neither
+// synchronises with the host nor copies from it, and can be captured in a CUDA graph.
+//
+// Statistics are per-chunk partials (float64 [chunks, width]) summed per tensor in chunk
+// order by a second kernel: the [n, width] float32 result is deterministic.
+//
+// Layouts, as on the CPU: a tensor runs as flat memory when it is dense and its gradient
+// and state have its layout (strides of size-1 dimensions ignored); otherwise the
+// mismatching tensors are staged through device temporaries in the parameter's layout
+// (contiguous when the parameter is not dense), and the updated ones are copied back.
+#include <deque>
+#include <initializer_list>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include "cuda/launch.h"
+#include "cuda/multi_tensor.h"
+
+namespace alr {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+
+constexpr int kHypergradStats = 3;
+constexpr int kGradStats = 2;
+
+Dtype dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return Dtype::kFloat;
+    case at::kBFloat16:
+      return Dtype::kBFloat16;
+    case at::kHalf:
+      return Dtype::kHalf;
+    default:
+      TORCH_CHECK(false, "alr: the cuda backend takes float32, bfloat16 or float16 parameters, got ", t,
+                  " (float64 runs on the cpu and reference backends)");
+  }
+}
+
+// Same memory order for every element: equal sizes, and equal strides wherever a
+// dimension has more than one element.
+bool same_layout(const Tensor& a, const Tensor& b) {
+  if (a.sizes() != b.sizes()) {
+    return false;
+  }
+  if (a.is_contiguous() && b.is_contiguous()) {
+    return true;
+  }
+  const auto sizes = a.sizes();
+  for (const auto d : c10::irange(sizes.size())) {
+    if (sizes[d] != 1 && a.stride(d) != b.stride(d)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The tensors of one position (param, grad, state) as the kernels see them, with the
+// temporaries of the layout fallback (device copies on the current stream).
+class Staging {
+ public:
+  // `t` itself when it has the layout of `ref` (which is dense), else a temporary copy in
+  // that layout; `mutated` ones are copied back by finish().
+  const Tensor& stage(const Tensor& t, const Tensor& ref, bool mutated) {
+    if (same_layout(t, ref)) {
+      return t;
+    }
+    Tensor tmp = at::empty_strided(ref.sizes(), ref.strides(), t.options());
+    tmp.copy_(t);
+    return keep(t, std::move(tmp), mutated);
+  }
+
+  // The layout reference for a position: the parameter when it is dense, else a
+  // contiguous copy of it (copied back if mutated).
+  const Tensor& reference(const Tensor& param, bool mutated) {
+    if (param.is_non_overlapping_and_dense()) {
+      return param;
+    }
+    return keep(param, param.contiguous(), mutated);
+  }
+
+  void finish() {
+    for (auto& [dst, src] : copy_back_) {
+      dst.copy_(src);
+    }
+  }
+
+ private:
+  const Tensor& keep(const Tensor& original, Tensor tmp, bool mutated) {
+    staged_.push_back(std::move(tmp));
+    if (mutated) {
+      copy_back_.emplace_back(original, staged_.back());
+    }
+    return staged_.back();
+  }
+
+  // std::vector would move its elements on growth and invalidate returned references.
+  std::deque<Tensor> staged_;
+  std::vector<std::pair<Tensor, Tensor>> copy_back_;
+};
+
+// --- Validation ------------------------------------------------------------------------------
+
+void check_list(TensorList list, size_t n, const char* name) {
+  TORCH_CHECK(list.size() == n, "alr: expected ", n, " tensors in ", name, ", got ", list.size());
+  for (const auto i : c10::irange(n)) {
+    TORCH_CHECK(list[i].defined(), "alr: ", name, "[", i, "] is undefined");
+  }
+}
+
+void check_matches(const Tensor& t, const Tensor& param, const char* name, size_t i) {
+  TORCH_CHECK(t.device() == param.device(), "alr: ", name, "[", i, "] is on ", t.device(),
+              " but its parameter is on ", param.device());
+  TORCH_CHECK(t.scalar_type() == param.scalar_type(), "alr: ", name, "[", i, "] has dtype ", t.scalar_type(),
+              " but its parameter has ", param.scalar_type());
+  TORCH_CHECK(t.sizes() == param.sizes(), "alr: ", name, "[", i, "] has shape ", t.sizes(),
+              " but its parameter has ", param.sizes());
+}
+
+// One CUDA device and one supported dtype for the whole list.
+Dtype check_params(TensorList params, const char* name) {
+  TORCH_CHECK(!params.empty(), "alr: a bucket needs at least one parameter");
+  const Tensor& first = params[0];
+  TORCH_CHECK(first.is_cuda(), "alr: ", name, "[0] must be a CUDA tensor, got ", first.device());
+  for (const auto i : c10::irange(params.size())) {
+    TORCH_CHECK(params[i].device() == first.device(), "alr: a bucket has one device, but ", name, "[", i,
+                "] is on ", params[i].device(), " and ", name, "[0] on ", first.device());
+    TORCH_CHECK(params[i].scalar_type() == first.scalar_type(), "alr: a bucket has one dtype, but ", name, "[",
+                i, "] is ", params[i].scalar_type(), " and ", name, "[0] is ", first.scalar_type());
+  }
+  return dtype_of(first.scalar_type());
+}
+
+// Whether the step counters are float64 (else float32): one-element tensors on the device.
+bool check_steps(TensorList steps, const at::Device& device) {
+  const auto dtype = steps[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "alr: steps must be float32 or float64, got ", dtype);
+  for (const auto i : c10::irange(steps.size())) {
+    TORCH_CHECK(steps[i].device() == device && steps[i].numel() == 1 && steps[i].scalar_type() == dtype, "alr: steps[",
+                i, "] must be a one-element ", dtype, " tensor on ", device);
+  }
+  return dtype == at::kDouble;
+}
+
+// A one-element device scalar in `dtype` (a no-op when it already is), or nothing.
+std::optional<Tensor> device_scalar(const std::optional<Tensor>& t, const at::Device& device,
+                                    at::ScalarType dtype, const char* name) {
+  if (!t.has_value()) {
+    return std::nullopt;
+  }
+  TORCH_CHECK(t->device() == device, "alr: ", name, " must be on ", device, " with the parameters, got ",
+              t->device());
+  TORCH_CHECK(t->numel() == 1, "alr: ", name, " must have one element, got ", t->numel());
+  return t->to(dtype).contiguous();
+}
+
+template <typename T>
+const T* data_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// The hyper-parameters the ops take as keyword arguments.
+struct Hyper {
+  bool adam;
+  double beta1, beta2, eps, weight_decay;
+  bool decoupled_weight_decay, amsgrad, maximize;
+  double momentum, dampening;
+  bool nesterov, needs_prev_direction;
+};
+
+Hyper make_hyper(c10::string_view algorithm, double beta1, double beta2, double eps, double weight_decay,
+                 bool decoupled_weight_decay, bool amsgrad, bool maximize, double momentum, double dampening,
+                 bool nesterov, bool needs_prev_direction) {
+  TORCH_CHECK(algorithm == "adam" || algorithm == "sgd", "alr: algorithm must be 'adam' or 'sgd', got '",
+              std::string(algorithm), "'");
+  return Hyper{algorithm == "adam", beta1,    beta2,     eps,      weight_decay, decoupled_weight_decay,
+               amsgrad,             maximize, momentum, dampening, nesterov,    needs_prev_direction};
+}
+
+struct State {
+  TensorList exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions;
+};
+
+void check_state(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& s,
+                 bool need_stats_source) {
+  const size_t n = params.size();
+  check_list(grads, n, "grads");
+  check_list(steps, n, "steps");
+  std::vector<std::pair<TensorList, const char*>> lists;
+  if (h.adam) {
+    lists = {{s.exp_avgs, "exp_avgs"}, {s.exp_avg_sqs, "exp_avg_sqs"}};
+    if (h.amsgrad) {
+      lists.emplace_back(s.max_exp_avg_sqs, "max_exp_avg_sqs");
+    }
+  } else {
+    if (h.momentum != 0) {
+      lists.emplace_back(s.momentum_buffers, "momentum_buffers");
+    }
+    if (h.needs_prev_direction) {
+      lists.emplace_back(s.prev_directions, "prev_directions");
+    }
+    TORCH_CHECK(!need_stats_source || h.needs_prev_direction || h.momentum != 0,
+                "alr: SGD hypergradient statistics need momentum_buffers (momentum != 0) or "
+                "prev_directions (needs_prev_direction)");
+  }
+  for (const auto& [list, name] : lists) {
+    check_list(list, n, name);
+  }
+  for (const auto i : c10::irange(n)) {
+    check_matches(grads[i], params[i], "grads", i);
+    for (const auto& [list, name] : lists) {
+      check_matches(list[i], params[i], name, i);
+    }
+  }
+}
+
+GradHyper grad_hyper(const Hyper& h, bool steps_double) {
+  GradHyper g{};
+  g.grad_sign = h.maximize ? -1.0f : 1.0f;
+  g.weight_decay = static_cast<float>(h.weight_decay);
+  g.coupled_decay = h.weight_decay != 0 && !(h.adam && h.decoupled_weight_decay);
+  g.steps_double = steps_double;
+  return g;
+}
+
+AdamHyper adam_hyper(const Hyper& h, bool steps_double) {
+  AdamHyper a{};
+  a.grad = grad_hyper(h, steps_double);
+  a.beta1 = h.beta1;
+  a.beta2 = h.beta2;
+  a.eps = h.eps;
+  a.weight_decay = h.weight_decay;
+  a.lerp_weight = static_cast<float>(1 - h.beta1);
+  a.beta2_f = static_cast<float>(h.beta2);
+  a.one_minus_beta2 = static_cast<float>(1 - h.beta2);
+  a.eps_f = static_cast<float>(h.eps);
+  a.decoupled_decay = h.weight_decay != 0 && h.decoupled_weight_decay;
+  a.amsgrad = h.amsgrad;
+  return a;
+}
+
+SgdHyper sgd_hyper(const Hyper& h, bool steps_double) {
+  SgdHyper s{};
+  s.grad = grad_hyper(h, steps_double);
+  s.dampening = h.dampening;
+  s.momentum = static_cast<float>(h.momentum);
+  s.has_momentum = h.momentum != 0;
+  s.nesterov = h.nesterov;
+  s.store_prev = h.needs_prev_direction;
+  return s;
+}
+
+// --- Calls ---------------------------------------------------------------------------------
+
+int64_t total_chunks(const std::vector<int64_t>& numels) {
+  int64_t rows = 0;
+  for (const int64_t numel : numels) {
+    rows += num_chunks(numel, kChunkSize);
+  }
+  return rows;
+}
+
+// float32 [n, width] per-tensor sums of `partials` (see launch_sum_partials).
+Tensor sum_partials(const Tensor& partials, const std::vector<int64_t>& numels, int width, bool last_is_count) {
+  const int64_t n = static_cast<int64_t>(numels.size());
+  Tensor out = at::empty({n, width}, partials.options().dtype(at::kFloat));
+  launch_sum_partials(partials.const_data_ptr<double>(), numels.data(), n, width, last_is_count,
+                      out.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  return out;
+}
+
+// The pointer rows of every tensor for one kernel call, with the staged temporaries.
+struct Call {
+  std::vector<int64_t> numels;
+  std::vector<void*> ptrs;  // [n][rows]
+  Staging staging;
+
+  Call(int64_t n, int rows) : numels(n, 0), ptrs(n * rows, nullptr) {}
+};
+
+static_assert(adam_rows::kStep == adam_rows::kCount - 1 && sgd_rows::kStep == sgd_rows::kCount - 1,
+              "fill_rows puts the step counter in the last row");
+
+// The rows of tensor i: the parameter (or its staged reference) first, then `others` in
+// row order, each staged to the reference's layout when needed; undefined tensors (state
+// the call does not use) leave their row null.
+void fill_rows(Call& call, int64_t i, int rows, const Tensor& param, bool write,
+               std::initializer_list<std::pair<const Tensor*, bool>> others, const Tensor& step) {
+  void** row = call.ptrs.data() + i * rows;
+  row[rows - 1] = step.data_ptr();
+  call.numels[i] = param.numel();
+  if (param.numel() == 0) {
+    return;
+  }
+  const Tensor& ref = call.staging.reference(param, write);
+  row[0] = ref.data_ptr();
+  int r = 1;
+  for (const auto& [tensor, mutated] : others) {
+    if (tensor != nullptr) {
+      row[r] = const_cast<void*>(call.staging.stage(*tensor, ref, write && mutated).const_data_ptr());
+    }
+    ++r;
+  }
+}
+
+const Tensor* entry(TensorList list, bool used, int64_t i) { return used ? &list[i] : nullptr; }
+
+// Runs `mode` over the bucket; returns the [n, 3] statistics (undefined for Mode::kUpdate).
+Tensor step_call(const Hyper& h, Dtype d, TensorList params, TensorList grads, TensorList steps, const State& st,
+                 DeviceScalars scalars, Mode mode) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  const bool write = mode != Mode::kStatsOnly;
+  const bool stats = mode != Mode::kUpdate;
+  const bool steps_double = check_steps(steps, params[0].device());
+  const int rows = h.adam ? static_cast<int>(adam_rows::kCount) : static_cast<int>(sgd_rows::kCount);
+  Call call(n, rows);
+  // SGD's momentum buffer row: the buffer itself, or (statistics only, heavy-ball momentum)
+  // the source of d_{t-1}.
+  const bool read_buffer = write ? h.momentum != 0 : !h.needs_prev_direction;
+  for (const auto i : c10::irange(n)) {
+    if (h.adam) {
+      fill_rows(call, i, rows, params[i], write,
+                {{&grads[i], false},
+                 {&st.exp_avgs[i], true},
+                 {&st.exp_avg_sqs[i], true},
+                 {entry(st.max_exp_avg_sqs, h.amsgrad, i), true}},
+                steps[i]);
+    } else {
+      fill_rows(call, i, rows, params[i], write,
+                {{&grads[i], false},
+                 {entry(st.momentum_buffers, read_buffer, i), true},
+                 {entry(st.prev_directions, h.needs_prev_direction, i), true}},
+                steps[i]);
+    }
+  }
+  Tensor partials;
+  if (stats) {
+    partials = at::empty({total_chunks(call.numels), kHypergradStats}, params[0].options().dtype(at::kDouble));
+    scalars.partials = partials.mutable_data_ptr<double>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (h.adam) {
+    launch_adam(d, mode, call.numels.data(), n, call.ptrs.data(), adam_hyper(h, steps_double), scalars, stream);
+  } else {
+    launch_sgd(d, mode, call.numels.data(), n, call.ptrs.data(), sgd_hyper(h, steps_double), scalars, stream);
+  }
+  call.staging.finish();
+  return stats ? sum_partials(partials, call.numels, kHypergradStats, false) : Tensor();
+}
+
+void increment_steps(TensorList steps, const bool* skip) {
+  std::vector<void*> ptrs;
+  ptrs.reserve(steps.size());
+  for (const Tensor& step : steps) {
+    ptrs.push_back(step.data_ptr());
+  }
+  launch_increment_steps(ptrs.data(), static_cast<int64_t>(ptrs.size()), steps[0].scalar_type() == at::kDouble,
+                         skip, c10::cuda::getCurrentCUDAStream());
+}
+
+// --- Ops -----------------------------------------------------------------------------------
+
+Tensor grad_stats_cuda(TensorList grads, const std::optional<Tensor>& grad_scale) {
+  const Dtype d = check_params(grads, "grads");
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const int64_t n = static_cast<int64_t>(grads.size());
+  const auto scale = device_scalar(grad_scale, grads[0].device(), at::kFloat, "grad_scale");
+  std::vector<int64_t> numels(n);
+  std::vector<const void*> ptrs(n, nullptr);
+  Staging staging;
+  for (const auto i : c10::irange(n)) {
+    numels[i] = grads[i].numel();
+    if (numels[i] > 0) {
+      // A reduction reads memory in any order: only dense storage is needed.
+      ptrs[i] = staging.reference(grads[i], /*mutated=*/false).const_data_ptr();
+    }
+  }
+  Tensor partials = at::empty({total_chunks(numels), kGradStats}, grads[0].options().dtype(at::kDouble));
+  DeviceScalars scalars{};
+  scalars.grad_scale = data_or_null<float>(scale);
+  scalars.partials = partials.mutable_data_ptr<double>();
+  launch_grad_stats(d, numels.data(), n, ptrs.data(), scalars, c10::cuda::getCurrentCUDAStream());
+  return sum_partials(partials, numels, kGradStats, /*last_is_count=*/true);
+}
+
+Tensor hypergrad_stats_cuda(TensorList params, TensorList grads, TensorList steps, TensorList exp_avgs,
+                            TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList momentum_buffers,
+                            TensorList prev_directions, const std::optional<Tensor>& grad_scale,
+                            const std::optional<Tensor>& clip_coef, c10::string_view algorithm, double beta1,
+                            double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                            bool amsgrad, bool maximize, double momentum, double dampening, bool nesterov,
+                            bool needs_prev_direction) {
+  const Hyper h = make_hyper(algorithm, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+                             momentum, dampening, nesterov, needs_prev_direction);
+  const Dtype d = check_params(params, "params");
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const State st{exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions};
+  check_state(h, params, grads, steps, st, /*need_stats_source=*/true);
+  const auto scale = device_scalar(grad_scale, device, at::kFloat, "grad_scale");
+  const auto clip = device_scalar(clip_coef, device, at::kFloat, "clip_coef");
+  DeviceScalars scalars{};
+  scalars.grad_scale = data_or_null<float>(scale);
+  scalars.clip_coef = data_or_null<float>(clip);
+  return step_call(h, d, params, grads, steps, st, scalars, Mode::kStatsOnly);
+}
+
+Tensor update_cuda(TensorList params, TensorList grads, TensorList steps, TensorList exp_avgs, TensorList exp_avg_sqs,
+                   TensorList max_exp_avg_sqs, TensorList momentum_buffers, TensorList prev_directions,
+                   const Tensor& alphas, const std::optional<Tensor>& grad_scale,
+                   const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip,
+                   c10::string_view algorithm, double beta1, double beta2, double eps, double weight_decay,
+                   bool decoupled_weight_decay, bool amsgrad, bool maximize, double momentum, double dampening,
+                   bool nesterov, bool needs_prev_direction, bool collect_stats) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (n == 0) {
+    return at::zeros({0, kHypergradStats}, alphas.options().dtype(at::kFloat));
+  }
+  const Hyper h = make_hyper(algorithm, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+                             momentum, dampening, nesterov, needs_prev_direction);
+  const Dtype d = check_params(params, "params");
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const State st{exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions};
+  check_state(h, params, grads, steps, st, collect_stats);
+  TORCH_CHECK(alphas.device() == device && alphas.numel() == n, "alr: alphas must be a tensor of ", n,
+              " elements on ", device, ", got ", alphas.numel(), " on ", alphas.device());
+  const Tensor alphas64 = alphas.to(at::kDouble).contiguous();
+  const auto scale = device_scalar(grad_scale, device, at::kFloat, "grad_scale");
+  const auto clip = device_scalar(clip_coef, device, at::kFloat, "clip_coef");
+  const auto skip_flag = device_scalar(skip, device, at::kBool, "skip");
+  DeviceScalars scalars{};
+  scalars.alphas = alphas64.const_data_ptr<double>();
+  scalars.grad_scale = data_or_null<float>(scale);
+  scalars.clip_coef = data_or_null<float>(clip);
+  scalars.skip = data_or_null<bool>(skip_flag);
+  const Mode mode = collect_stats ? Mode::kUpdateStats : Mode::kUpdate;
+  Tensor stats = step_call(h, d, params, grads, steps, st, scalars, mode);
+  increment_steps(steps, scalars.skip);
+  return collect_stats ? stats : at::empty({0, kHypergradStats}, alphas.options().dtype(at::kFloat));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alr, CUDA, m) {
+  m.impl("grad_stats", &grad_stats_cuda);
+  m.impl("hypergrad_stats", &hypergrad_stats_cuda);
+  m.impl("update_", &update_cuda);
+}
+
+}  // namespace cuda
+}  // namespace alr
