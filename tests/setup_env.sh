@@ -2,9 +2,10 @@
 # python3 and a C++ compiler to a built, importable alr, and costs seconds when re-run.
 #
 #   .venv/           created in the repository root if missing, then activated
-#   torch            installed only if it does not import: torch==2.13.0 (a CPU build
-#                    on local disk here; a plain `torch` would pull a multi-GB CUDA
-#                    build), or $ALR_TORCH_SPEC
+#   torch            installed only if it does not import: torch==2.14.1, PyPI's CUDA 13.0
+#                    build (5.4 GB, about a minute here), so that the CUDA kernels are
+#                    compiled on every CI run even without a GPU; or $ALR_TORCH_SPEC
+#                    (e.g. torch==2.13.0, a CPU build on local disk: no CUDA extension)
 #   tools            ninja pybind11 pytest hypothesis numpy wheel setuptools>=70, triton
 #                    (the Triton backend; its tests run in Triton's CPU interpreter), and
 #                    the benchmarks' matplotlib scikit-learn tqdm, if missing
@@ -34,7 +35,7 @@ alr_install_torch() {
   if python -c "import torch" 2>/dev/null; then
     return 0
   fi
-  local spec="${ALR_TORCH_SPEC:-torch==2.13.0}"
+  local spec="${ALR_TORCH_SPEC:-torch==2.14.1}"
   alr_log "installing $spec"
   pip install -q "$spec"
 }

@@ -70,6 +70,21 @@ def test_extension_errors_match_loaded_modules() -> None:
     assert info["errors"].get("cuda") == _extension.cuda_extension_error()
 
 
+def test_cuda_extension_is_built_where_it_can_be() -> None:
+    """Where torch is a CUDA build and the nvcc on PATH has its major CUDA version (the CI
+    machine: no GPU, nvcc 13, torch 2.14 for CUDA 13), alr._C_cuda must have been built, so
+    that a CUDA kernel that stops compiling, or a build gate that stops passing, fails CI."""
+    if torch.version.cuda is None:
+        pytest.skip(f"torch {torch.__version__} is not a CUDA build")
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on PATH")
+    release = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
+    if release is None or int(release.group(1)) != int(torch.version.cuda.split(".")[0]):
+        pytest.skip(f"nvcc's CUDA ({release and release.group(1)}) is not torch's ({torch.version.cuda})")
+    assert _extension.load_cuda_extension() is not None, _extension.cuda_extension_error()
+
+
 def test_cuda_extension_registers_its_kernels() -> None:
     """Where alr._C_cuda was built (a CUDA build of torch and a matching nvcc, GPU or not),
     it imports without a GPU, registers every op under the CUDA dispatch key, and the
