@@ -31,9 +31,9 @@ print("device", torch.cuda.get_device_name(), "SMs", torch.cuda.get_device_prope
 EOF
 } | tee "$OUT/environment.txt"
 
-echo "== build (pip install --no-build-isolation --no-deps --no-index -e .)"
+echo "== build (pip install --no-build-isolation --no-deps --no-index --use-pep517 -e .)"
 export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}"
-"$PYTHON" -m pip install -q --no-build-isolation --no-deps --no-index -e . || exit 1
+"$PYTHON" -m pip install -q --no-build-isolation --no-deps --no-index --use-pep517 -e . || exit 1
 "$PYTHON" -c "import json, alr; print('build_info:', json.dumps(alr.build_info()))" | tee -a "$OUT/environment.txt"
 
 echo "== GPU tests"
