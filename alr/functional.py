@@ -56,6 +56,10 @@ def alr_step(
 ) -> None:
     """Run one optimizer step over ``groups`` without synchronising with the host.
 
+    Under a ``reduction`` every rank must pass the same groups, in the same order, whether
+    or not it holds gradients in them (a group without buckets adds zeros to the sums):
+    the packed collectives then have the same layout on every rank.
+
     Args:
         grad_norm: 0-d float32; receives the global norm of the unscaled gradients when the
             statistics pre-pass runs (``max_grad_norm`` set or ``skip_nonfinite``).
@@ -78,6 +82,7 @@ def alr_step(
                 for g in groups
                 for b in g.buckets
             ]
+            or [torch.zeros(0, 2, device=stats_device)]  # a rank without gradients (see below)
         )
         totals = torch.stack([per_tensor[:, 0].sum(), per_tensor[:, 1].sum()])  # Σ g², tensors with inf/nan
         if reduction is not None:
@@ -150,7 +155,7 @@ def _scoped(group: GroupWork, stats: list[Tensor]) -> Tensor:
     """float32 ``[3]`` (group scope) or ``[len(group params), 3]`` (tensor scope)."""
     kappa = group.kappa
     if kappa.dim() == 0:
-        return torch.cat([s.to(kappa.device) for s in stats]).sum(0)
+        return torch.cat([s.to(kappa.device) for s in stats] or [torch.zeros(0, 3, device=kappa.device)]).sum(0)
     scoped = torch.zeros(kappa.numel(), 3, dtype=kappa.dtype, device=kappa.device)
     for bucket, s in zip(group.buckets, stats):
         scoped.index_copy_(0, bucket.position_index().to(kappa.device), s.to(kappa.device))

@@ -273,10 +273,14 @@ class ALROptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        works = [work for group in self.param_groups if (work := self._group_work(group))]
+        reduction = self._stats_reduction()
+        # Ranks meet in the statistics' collectives, so under a reduction every group takes
+        # part, also where this rank has no gradient in it (a ZeRO share can be empty).
+        keep_empty = reduction is not None
+        works = [work for group in self.param_groups if (work := self._group_work(group, keep_empty))]
         if not works:
             return loss
-        telemetry = self._telemetry_on(works[0].buckets[0].device)
+        telemetry = self._telemetry_on(works[0].kappa.device)
         alr_step(
             works,
             grad_norm=telemetry["grad_norm"],
@@ -285,7 +289,7 @@ class ALROptimizer(Optimizer):
             skip_nonfinite=self.skip_nonfinite,
             grad_scale=getattr(self, "grad_scale", None),
             found_inf=getattr(self, "found_inf", None),
-            reduction=self._stats_reduction(),
+            reduction=reduction,
         )
         return loss
 
@@ -355,7 +359,7 @@ class ALROptimizer(Optimizer):
                 if dtype is not None and isinstance(value, Tensor):
                     self.state[p][key] = value.to(dtype=dtype, device=p.device, copy=True)
 
-    def _group_work(self, group: dict[str, Any]) -> GroupWork | None:
+    def _group_work(self, group: dict[str, Any], keep_empty: bool = False) -> GroupWork | None:
         """The group's share of this step, from its cached bucketing when still valid.
 
         Bucketing touches every parameter's state in Python (about 3 µs per parameter), so
@@ -374,7 +378,7 @@ class ALROptimizer(Optimizer):
         else:
             for bucket in plan.buckets:
                 bucket.grads = [grads[i] for i in bucket.positions]
-        if not plan.buckets:
+        if not plan.buckets and not keep_empty:
             return None
         grad_sq_avg = self._adaptive_scalar(group, GRAD_SQ_AVG_KEY, 0.0)
         return GroupWork(hyper, plan.buckets, self._kappa(group), grad_sq_avg, group["backend"])
@@ -458,7 +462,7 @@ class ALROptimizer(Optimizer):
     def _adaptive_scalar(self, group: dict[str, Any], key: str, initial: float) -> Tensor:
         """The group's adapted scalar ``key`` (one per scope), created at ``initial``; a
         transient ``initial`` when the adaptation is off (nothing is stored)."""
-        device = group["params"][0].device
+        device = next(p.device for g in [group, *self.param_groups] for p in g["params"])
         shape = () if group["hypergrad_scope"] == "group" else (len(group["params"]),)
         if group["hypergrad"] == "off":
             return torch.full(shape, initial, dtype=STATS_DTYPE, device=device)

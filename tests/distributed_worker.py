@@ -49,10 +49,19 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank
         opt.zero_grad()
 
 
-def train_single(scope: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The one-process run every distributed run must equal: final parameters and κ."""
+def two_groups(model: nn.Module) -> list[dict]:
+    """Every parameter but the last, and the last bias alone without weight decay: ZeRO
+    gives that one-tensor group to one rank, so the other rank's share of it is empty."""
+    params = list(model.parameters())
+    return [{"params": params[:-1]}, {"params": params[-1:], "weight_decay": 0.0}]
+
+
+def train_single(scope: str, grouped: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The one-process run every distributed run must equal: final parameters and κ (of
+    the first group)."""
     model = make_model()
-    opt = alr.ALROptimizer(model.parameters(), hypergrad_scope=scope, **OPTIONS)
+    params = two_groups(model) if grouped else model.parameters()
+    opt = alr.ALROptimizer(params, hypergrad_scope=scope, **OPTIONS)
     train_steps(model, opt, range(STEPS), rank=None)
     return [p.detach().clone() for p in model.parameters()], opt.stats().kappa[0]
 
@@ -137,12 +146,15 @@ def run_zero(rank: int) -> dict:
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     model = nn.parallel.DistributedDataParallel(make_model())
+    groups = two_groups(model.module)
     opt = ZeroRedundancyOptimizer(
-        model.parameters(), optimizer_class=alr.ALROptimizer, stats_group=dist.group.WORLD,
+        groups[0]["params"], optimizer_class=alr.ALROptimizer, stats_group=dist.group.WORLD,
         hypergrad_scope="group", **OPTIONS,
     )  # fmt: skip
+    opt.add_param_group(groups[1])
     train_steps(model, opt, range(STEPS), rank)
-    return {"params": [p.detach().clone() for p in model.parameters()], "kappa": opt.optim.stats().kappa[0]}
+    shares = [len(group["params"]) for group in opt.optim.param_groups]
+    return {"params": [p.detach().clone() for p in model.parameters()], "kappa": opt.optim.stats().kappa[0], "shares": shares}
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:

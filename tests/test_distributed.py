@@ -42,7 +42,11 @@ def ranks(out_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def single() -> dict[str, tuple]:
-    return {scope: worker.train_single(scope) for scope in ("group", "tensor")}
+    return {
+        "group": worker.train_single("group"),
+        "tensor": worker.train_single("tensor"),
+        "two-groups": worker.train_single("group", grouped=True),
+    }
 
 
 def _assert_equals_single(result: dict, single: tuple, scope: str) -> None:
@@ -61,8 +65,9 @@ def _assert_equals_single(result: dict, single: tuple, scope: str) -> None:
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "zero"])
 def test_distributed_run_equals_one_process(ranks, single, mode: str) -> None:
     scope = "tensor" if mode == "fsdp" else "group"
+    baseline = single["two-groups" if mode == "zero" else scope]
     for rank in ranks:
-        _assert_equals_single(rank[mode], single[scope], scope)
+        _assert_equals_single(rank[mode], baseline, scope)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "zero"])
@@ -119,3 +124,10 @@ def test_fsdp_checkpoint_from_two_ranks_loads_on_one_process(out_dir: Path, sing
     assert all(float(opt.state[p]["step"]) == worker.CHECKPOINT_STEP for p in model.parameters())
     worker.train_steps(model, opt, range(worker.CHECKPOINT_STEP, worker.STEPS), rank=None)
     _assert_equals_single({"params": list(model.parameters()), "kappa": opt.stats().kappa[0]}, single["tensor"], "tensor")
+
+
+def test_zero_rank_with_an_empty_share_still_meets_the_others(ranks) -> None:
+    """ZeRO put the one-tensor group on one rank only: the other rank, with nothing to step
+    in it, still took part in the collectives (and the run above equals one process)."""
+    shares = sorted(tuple(rank["zero"]["shares"]) for rank in ranks)
+    assert [share[1] for share in shares] == [0, 1], shares
