@@ -40,6 +40,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/multi_tensor.h"
+#include "op_inputs.h"
 
 namespace alr {
 namespace cpu {
@@ -47,6 +48,13 @@ namespace {
 
 using at::Tensor;
 using at::TensorList;
+using ops::check_list;
+using ops::check_matches;
+using ops::check_state;
+using ops::Hyper;
+using ops::make_hyper;
+using ops::Staging;
+using ops::State;
 
 Dtype dtype_of(at::ScalarType t) {
   switch (t) {
@@ -86,89 +94,6 @@ double scalar_value(const Tensor& t, const char* name) {
 // Rounds a double to what the reference's `.to(opmath)` gives: float for 16/32-bit storage.
 double to_opmath(double x, Dtype d) { return is_double(d) ? x : static_cast<double>(static_cast<float>(x)); }
 
-// Same memory order for every element: equal sizes, and equal strides wherever a
-// dimension has more than one element.
-bool same_layout(const Tensor& a, const Tensor& b) {
-  const auto* ia = a.unsafeGetTensorImpl();
-  const auto* ib = b.unsafeGetTensorImpl();
-  if (ia->is_contiguous() && ib->is_contiguous()) {
-    return ia->sizes() == ib->sizes();
-  }
-  if (ia->sizes() != ib->sizes()) {
-    return false;
-  }
-  const auto sa = ia->strides();
-  const auto sb = ib->strides();
-  const auto sizes = ia->sizes();
-  for (const auto d : c10::irange(sizes.size())) {
-    if (sizes[d] != 1 && sa[d] != sb[d]) {
-      return false;
-    }
-  }
-  return true;
-}
-
-// The tensors of one position (param, grad, state) as the kernels see them, with the
-// temporaries of the layout fallback.
-class Staging {
- public:
-  // Returns the tensor to hand to the kernel: `t` itself when it has the layout of `ref`
-  // (which is dense), else a temporary copy in that layout; `mutated` ones are copied back
-  // by finish().
-  const Tensor& stage(const Tensor& t, const Tensor& ref, bool mutated) {
-    if (same_layout(t, ref)) {
-      return t;
-    }
-    Tensor tmp = at::empty_strided(ref.sizes(), ref.strides(), t.options());
-    tmp.copy_(t);
-    staged_.push_back(tmp);
-    if (mutated) {
-      copy_back_.emplace_back(t, tmp);
-    }
-    return staged_.back();
-  }
-
-  // The layout reference for a position: the parameter when it is dense, else a
-  // contiguous copy of it (which is then copied back if mutated).
-  const Tensor& reference(const Tensor& param, bool mutated) {
-    if (param.is_non_overlapping_and_dense()) {
-      return param;
-    }
-    Tensor tmp = param.contiguous();
-    staged_.push_back(tmp);
-    if (mutated) {
-      copy_back_.emplace_back(param, tmp);
-    }
-    return staged_.back();
-  }
-
-  void finish() {
-    for (auto& [dst, src] : copy_back_) {
-      const_cast<Tensor&>(dst).copy_(src);
-    }
-  }
-
- private:
-  // std::vector would move its elements on growth and invalidate returned references.
-  std::deque<Tensor> staged_;
-  std::vector<std::pair<Tensor, Tensor>> copy_back_;
-};
-
-void check_list(TensorList list, size_t n, const char* name) {
-  TORCH_CHECK(list.size() == n, "alr: expected ", n, " tensors in ", name, ", got ", list.size());
-  for (const auto i : c10::irange(n)) {
-    TORCH_CHECK(list[i].defined(), "alr: ", name, "[", i, "] is undefined");
-  }
-}
-
-void check_matches(const Tensor& t, const Tensor& param, const char* name, size_t i) {
-  TORCH_CHECK(t.device().is_cpu(), "alr: ", name, "[", i, "] must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), "alr: ", name, "[", i, "] has dtype ",
-              t.scalar_type(), " but its parameter has ", param.scalar_type());
-  TORCH_CHECK(t.sizes() == param.sizes(), "alr: ", name, "[", i, "] has shape ", t.sizes(),
-              " but its parameter has ", param.sizes());
-}
-
 Dtype check_params(TensorList params) {
   TORCH_CHECK(!params.empty(), "alr: a bucket needs at least one parameter");
   const auto dtype = params[0].scalar_type();
@@ -203,69 +128,6 @@ void increment_steps(TensorList steps) {
   }
 }
 
-// The hyper-parameters the ops take as keyword arguments.
-struct Hyper {
-  bool adam;
-  double beta1, beta2, eps, weight_decay;
-  bool decoupled_weight_decay, amsgrad, maximize;
-  double momentum, dampening;
-  bool nesterov, needs_prev_direction;
-};
-
-Hyper make_hyper(c10::string_view algorithm, double beta1, double beta2, double eps,
-                 double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
-                 double momentum, double dampening, bool nesterov, bool needs_prev_direction) {
-  TORCH_CHECK(algorithm == "adam" || algorithm == "sgd", "alr: algorithm must be 'adam' or 'sgd', got '",
-              std::string(algorithm), "'");
-  return Hyper{algorithm == "adam", beta1,     beta2,    eps,       weight_decay, decoupled_weight_decay,
-               amsgrad,             maximize,  momentum, dampening, nesterov,     needs_prev_direction};
-}
-
-// The state lists an algorithm reads, checked against the parameters.
-struct State {
-  TensorList exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions;
-};
-
-void check_state(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& s,
-                 bool need_stats_source) {
-  const size_t n = params.size();
-  check_list(grads, n, "grads");
-  check_list(steps, n, "steps");
-  if (h.adam) {
-    check_list(s.exp_avgs, n, "exp_avgs");
-    check_list(s.exp_avg_sqs, n, "exp_avg_sqs");
-    if (h.amsgrad) {
-      check_list(s.max_exp_avg_sqs, n, "max_exp_avg_sqs");
-    }
-  } else {
-    if (h.momentum != 0) {
-      check_list(s.momentum_buffers, n, "momentum_buffers");
-    }
-    if (h.needs_prev_direction) {
-      check_list(s.prev_directions, n, "prev_directions");
-    }
-    TORCH_CHECK(!need_stats_source || h.needs_prev_direction || h.momentum != 0,
-                "alr: SGD hypergradient statistics need momentum_buffers (momentum != 0) or "
-                "prev_directions (needs_prev_direction)");
-  }
-  for (const auto i : c10::irange(n)) {
-    check_matches(grads[i], params[i], "grads", i);
-    if (h.adam) {
-      check_matches(s.exp_avgs[i], params[i], "exp_avgs", i);
-      check_matches(s.exp_avg_sqs[i], params[i], "exp_avg_sqs", i);
-      if (h.amsgrad) {
-        check_matches(s.max_exp_avg_sqs[i], params[i], "max_exp_avg_sqs", i);
-      }
-    } else {
-      if (h.momentum != 0) {
-        check_matches(s.momentum_buffers[i], params[i], "momentum_buffers", i);
-      }
-      if (h.needs_prev_direction) {
-        check_matches(s.prev_directions[i], params[i], "prev_directions", i);
-      }
-    }
-  }
-}
 
 GradArgs grad_args(const Hyper& h, double grad_scale, double clip, Dtype d) {
   GradArgs g{};

@@ -33,6 +33,7 @@
 
 #include "cuda/launch.h"
 #include "cuda/multi_tensor.h"
+#include "op_inputs.h"
 
 namespace alr {
 namespace cuda {
@@ -40,6 +41,13 @@ namespace {
 
 using at::Tensor;
 using at::TensorList;
+using ops::check_list;
+using ops::check_matches;
+using ops::check_state;
+using ops::Hyper;
+using ops::make_hyper;
+using ops::Staging;
+using ops::State;
 
 constexpr int kHypergradStats = 3;
 constexpr int kGradStats = 2;
@@ -56,86 +64,6 @@ Dtype dtype_of(at::ScalarType t) {
       TORCH_CHECK(false, "alr: the cuda backend takes float32, bfloat16 or float16 parameters, got ", t,
                   " (float64 runs on the cpu and reference backends)");
   }
-}
-
-// Same memory order for every element: equal sizes, and equal strides wherever a
-// dimension has more than one element.
-bool same_layout(const Tensor& a, const Tensor& b) {
-  if (a.sizes() != b.sizes()) {
-    return false;
-  }
-  if (a.is_contiguous() && b.is_contiguous()) {
-    return true;
-  }
-  const auto sizes = a.sizes();
-  for (const auto d : c10::irange(sizes.size())) {
-    if (sizes[d] != 1 && a.stride(d) != b.stride(d)) {
-      return false;
-    }
-  }
-  return true;
-}
-
-// The tensors of one position (param, grad, state) as the kernels see them, with the
-// temporaries of the layout fallback (device copies on the current stream).
-class Staging {
- public:
-  // `t` itself when it has the layout of `ref` (which is dense), else a temporary copy in
-  // that layout; `mutated` ones are copied back by finish().
-  const Tensor& stage(const Tensor& t, const Tensor& ref, bool mutated) {
-    if (same_layout(t, ref)) {
-      return t;
-    }
-    Tensor tmp = at::empty_strided(ref.sizes(), ref.strides(), t.options());
-    tmp.copy_(t);
-    return keep(t, std::move(tmp), mutated);
-  }
-
-  // The layout reference for a position: the parameter when it is dense, else a
-  // contiguous copy of it (copied back if mutated).
-  const Tensor& reference(const Tensor& param, bool mutated) {
-    if (param.is_non_overlapping_and_dense()) {
-      return param;
-    }
-    return keep(param, param.contiguous(), mutated);
-  }
-
-  void finish() {
-    for (auto& [dst, src] : copy_back_) {
-      dst.copy_(src);
-    }
-  }
-
- private:
-  const Tensor& keep(const Tensor& original, Tensor tmp, bool mutated) {
-    staged_.push_back(std::move(tmp));
-    if (mutated) {
-      copy_back_.emplace_back(original, staged_.back());
-    }
-    return staged_.back();
-  }
-
-  // std::vector would move its elements on growth and invalidate returned references.
-  std::deque<Tensor> staged_;
-  std::vector<std::pair<Tensor, Tensor>> copy_back_;
-};
-
-// --- Validation ------------------------------------------------------------------------------
-
-void check_list(TensorList list, size_t n, const char* name) {
-  TORCH_CHECK(list.size() == n, "alr: expected ", n, " tensors in ", name, ", got ", list.size());
-  for (const auto i : c10::irange(n)) {
-    TORCH_CHECK(list[i].defined(), "alr: ", name, "[", i, "] is undefined");
-  }
-}
-
-void check_matches(const Tensor& t, const Tensor& param, const char* name, size_t i) {
-  TORCH_CHECK(t.device() == param.device(), "alr: ", name, "[", i, "] is on ", t.device(),
-              " but its parameter is on ", param.device());
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), "alr: ", name, "[", i, "] has dtype ", t.scalar_type(),
-              " but its parameter has ", param.scalar_type());
-  TORCH_CHECK(t.sizes() == param.sizes(), "alr: ", name, "[", i, "] has shape ", t.sizes(),
-              " but its parameter has ", param.sizes());
 }
 
 // One CUDA device and one supported dtype for the whole list.
@@ -181,59 +109,6 @@ const T* data_or_null(const std::optional<Tensor>& t) {
 }
 
 // The hyper-parameters the ops take as keyword arguments.
-struct Hyper {
-  bool adam;
-  double beta1, beta2, eps, weight_decay;
-  bool decoupled_weight_decay, amsgrad, maximize;
-  double momentum, dampening;
-  bool nesterov, needs_prev_direction;
-};
-
-Hyper make_hyper(c10::string_view algorithm, double beta1, double beta2, double eps, double weight_decay,
-                 bool decoupled_weight_decay, bool amsgrad, bool maximize, double momentum, double dampening,
-                 bool nesterov, bool needs_prev_direction) {
-  TORCH_CHECK(algorithm == "adam" || algorithm == "sgd", "alr: algorithm must be 'adam' or 'sgd', got '",
-              std::string(algorithm), "'");
-  return Hyper{algorithm == "adam", beta1,    beta2,     eps,      weight_decay, decoupled_weight_decay,
-               amsgrad,             maximize, momentum, dampening, nesterov,    needs_prev_direction};
-}
-
-struct State {
-  TensorList exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions;
-};
-
-void check_state(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& s,
-                 bool need_stats_source) {
-  const size_t n = params.size();
-  check_list(grads, n, "grads");
-  check_list(steps, n, "steps");
-  std::vector<std::pair<TensorList, const char*>> lists;
-  if (h.adam) {
-    lists = {{s.exp_avgs, "exp_avgs"}, {s.exp_avg_sqs, "exp_avg_sqs"}};
-    if (h.amsgrad) {
-      lists.emplace_back(s.max_exp_avg_sqs, "max_exp_avg_sqs");
-    }
-  } else {
-    if (h.momentum != 0) {
-      lists.emplace_back(s.momentum_buffers, "momentum_buffers");
-    }
-    if (h.needs_prev_direction) {
-      lists.emplace_back(s.prev_directions, "prev_directions");
-    }
-    TORCH_CHECK(!need_stats_source || h.needs_prev_direction || h.momentum != 0,
-                "alr: SGD hypergradient statistics need momentum_buffers (momentum != 0) or "
-                "prev_directions (needs_prev_direction)");
-  }
-  for (const auto& [list, name] : lists) {
-    check_list(list, n, name);
-  }
-  for (const auto i : c10::irange(n)) {
-    check_matches(grads[i], params[i], "grads", i);
-    for (const auto& [list, name] : lists) {
-      check_matches(list[i], params[i], name, i);
-    }
-  }
-}
 
 GradHyper grad_hyper(const Hyper& h, bool steps_double) {
   GradHyper g{};

@@ -1,0 +1,162 @@
+// The input layer shared by the CPU and CUDA implementations of the alr ops: the ops'
+// hyper-parameters, the checks of their tensor lists, and the staging of tensors whose
+// layout differs from their parameter's. Host code only; torch types.
+#pragma once
+
+#include <deque>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_strided.h>
+#include <c10/util/irange.h>
+
+namespace alr {
+namespace ops {
+
+using at::Tensor;
+using at::TensorList;
+
+// Same memory order for every element: equal sizes, and equal strides wherever a
+// dimension has more than one element.
+inline bool same_layout(const Tensor& a, const Tensor& b) {
+  const auto* ia = a.unsafeGetTensorImpl();
+  const auto* ib = b.unsafeGetTensorImpl();
+  if (ia->sizes() != ib->sizes()) {
+    return false;
+  }
+  if (ia->is_contiguous() && ib->is_contiguous()) {
+    return true;
+  }
+  const auto sa = ia->strides();
+  const auto sb = ib->strides();
+  const auto sizes = ia->sizes();
+  for (const auto d : c10::irange(sizes.size())) {
+    if (sizes[d] != 1 && sa[d] != sb[d]) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The tensors of one position (param, grad, state) as the kernels see them, with the
+// temporaries of the layout fallback (copies on the tensors' device, and on CUDA on the
+// current stream).
+class Staging {
+ public:
+  // `t` itself when it has the layout of `ref` (which is dense), else a temporary copy in
+  // that layout; `mutated` ones are copied back by finish().
+  const Tensor& stage(const Tensor& t, const Tensor& ref, bool mutated) {
+    if (same_layout(t, ref)) {
+      return t;
+    }
+    Tensor tmp = at::empty_strided(ref.sizes(), ref.strides(), t.options());
+    tmp.copy_(t);
+    return keep(t, std::move(tmp), mutated);
+  }
+
+  // The layout reference for a position: the parameter when it is dense, else a
+  // contiguous copy of it (copied back if mutated).
+  const Tensor& reference(const Tensor& param, bool mutated) {
+    if (param.is_non_overlapping_and_dense()) {
+      return param;
+    }
+    return keep(param, param.contiguous(), mutated);
+  }
+
+  void finish() {
+    for (auto& [dst, src] : copy_back_) {
+      dst.copy_(src);
+    }
+  }
+
+ private:
+  const Tensor& keep(const Tensor& original, Tensor tmp, bool mutated) {
+    staged_.push_back(std::move(tmp));
+    if (mutated) {
+      copy_back_.emplace_back(original, staged_.back());
+    }
+    return staged_.back();
+  }
+
+  // std::vector would move its elements on growth and invalidate returned references.
+  std::deque<Tensor> staged_;
+  std::vector<std::pair<Tensor, Tensor>> copy_back_;
+};
+
+inline void check_list(TensorList list, size_t n, const char* name) {
+  TORCH_CHECK(list.size() == n, "alr: expected ", n, " tensors in ", name, ", got ", list.size());
+  for (const auto i : c10::irange(n)) {
+    TORCH_CHECK(list[i].defined(), "alr: ", name, "[", i, "] is undefined");
+  }
+}
+
+// Same device, dtype and shape as its parameter (whose device the caller has checked).
+inline void check_matches(const Tensor& t, const Tensor& param, const char* name, size_t i) {
+  TORCH_CHECK(t.device() == param.device(), "alr: ", name, "[", i, "] is on ", t.device(),
+              " but its parameter is on ", param.device());
+  TORCH_CHECK(t.scalar_type() == param.scalar_type(), "alr: ", name, "[", i, "] has dtype ", t.scalar_type(),
+              " but its parameter has ", param.scalar_type());
+  TORCH_CHECK(t.sizes() == param.sizes(), "alr: ", name, "[", i, "] has shape ", t.sizes(),
+              " but its parameter has ", param.sizes());
+}
+
+// The hyper-parameters the ops take as keyword arguments.
+struct Hyper {
+  bool adam;
+  double beta1, beta2, eps, weight_decay;
+  bool decoupled_weight_decay, amsgrad, maximize;
+  double momentum, dampening;
+  bool nesterov, needs_prev_direction;
+};
+
+inline Hyper make_hyper(c10::string_view algorithm, double beta1, double beta2, double eps, double weight_decay,
+                        bool decoupled_weight_decay, bool amsgrad, bool maximize, double momentum,
+                        double dampening, bool nesterov, bool needs_prev_direction) {
+  TORCH_CHECK(algorithm == "adam" || algorithm == "sgd", "alr: algorithm must be 'adam' or 'sgd', got '",
+              std::string(algorithm), "'");
+  return Hyper{algorithm == "adam", beta1,    beta2,     eps,      weight_decay, decoupled_weight_decay,
+               amsgrad,             maximize, momentum, dampening, nesterov,    needs_prev_direction};
+}
+
+// The state lists an algorithm reads, checked against the parameters.
+struct State {
+  TensorList exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions;
+};
+
+inline void check_state(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& s,
+                        bool need_stats_source) {
+  const size_t n = params.size();
+  check_list(grads, n, "grads");
+  check_list(steps, n, "steps");
+  std::vector<std::pair<TensorList, const char*>> lists;
+  if (h.adam) {
+    lists = {{s.exp_avgs, "exp_avgs"}, {s.exp_avg_sqs, "exp_avg_sqs"}};
+    if (h.amsgrad) {
+      lists.emplace_back(s.max_exp_avg_sqs, "max_exp_avg_sqs");
+    }
+  } else {
+    if (h.momentum != 0) {
+      lists.emplace_back(s.momentum_buffers, "momentum_buffers");
+    }
+    if (h.needs_prev_direction) {
+      lists.emplace_back(s.prev_directions, "prev_directions");
+    }
+    TORCH_CHECK(!need_stats_source || h.needs_prev_direction || h.momentum != 0,
+                "alr: SGD hypergradient statistics need momentum_buffers (momentum != 0) or "
+                "prev_directions (needs_prev_direction)");
+  }
+  for (const auto& [list, name] : lists) {
+    check_list(list, n, name);
+  }
+  for (const auto i : c10::irange(n)) {
+    check_matches(grads[i], params[i], "grads", i);
+    for (const auto& [list, name] : lists) {
+      check_matches(list[i], params[i], name, i);
+    }
+  }
+}
+
+}  // namespace ops
+}  // namespace alr
