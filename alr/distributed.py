@@ -15,7 +15,7 @@ deciding, or the ranks diverge. Two layouts arise:
   different subset per rank. The totals and the per-group sums are partial, a per-tensor
   row is already complete. This cannot be seen from the tensors; the user passes
   ``stats_group`` to the optimizer (``ZeroRedundancyOptimizer(params,
-  optimizer_class=alr.AdamW, stats_group=dist.group.WORLD, ...)``; ZeRO's own
+  optimizer_class=alr.AdamW, stats_group="world", ...)``; ZeRO's own
   ``process_group`` argument is not forwarded to the optimizer it wraps).
 
 Each phase of a step that needs global sums (the pre-pass for clipping and the nonfinite

@@ -139,7 +139,9 @@ class ALROptimizer(Optimizer):
             stepping a different subset of whole tensors (``ZeroRedundancyOptimizer``):
             the statistics are summed over it so that every rank clips, skips and adapts κ
             alike. Not needed for DDP (replicated) nor FSDP2 (DTensor shards: the groups
-            come from their device mesh). See :mod:`alr.distributed`.
+            come from their device mesh). ``"world"`` names the default group and, unlike a
+            process group object, survives ZeroRedundancyOptimizer's state dict (ZeRO copies
+            its keyword arguments into every param group). See :mod:`alr.distributed`.
         foreach, fused, capturable: accepted for compatibility with ``torch.optim``; alr
             always runs one fused multi-tensor implementation per (device, dtype) chosen by
             ``backend``, and its step is always capturable (device-resident scalars).
@@ -174,7 +176,7 @@ class ALROptimizer(Optimizer):
         state_dtype: torch.dtype | None = None,
         rounding_seed: int = 0,
         backend: str = "auto",
-        stats_group: ProcessGroup | None = None,
+        stats_group: ProcessGroup | str | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -191,6 +193,8 @@ class ALROptimizer(Optimizer):
         _check_torch_flags(foreach=foreach, fused=fused, differentiable=differentiable)
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        if isinstance(stats_group, str) and stats_group != "world":
+            raise ValueError(f"Invalid stats_group: {stats_group!r}. Expected None, 'world' or a ProcessGroup")
 
         defaults: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
         if family == "adam":
@@ -299,7 +303,8 @@ class ALROptimizer(Optimizer):
         key = tuple(len(group["params"]) for group in self.param_groups)
         if key != self._reduction_key:
             if self.stats_group is not None:
-                self._reduction = StatsReduction((self.stats_group,), per_tensor=False)
+                group = torch.distributed.group.WORLD if self.stats_group == "world" else self.stats_group
+                self._reduction = StatsReduction((group,), per_tensor=False)
             else:
                 self._reduction = sharded_reduction([p for group in self.param_groups for p in group["params"]])
             self._reduction_key = key
@@ -321,6 +326,10 @@ class ALROptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            # ZeroRedundancyOptimizer copies its keyword arguments, stats_group included,
+            # into every param group it hands over; a process group cannot be saved.
+            group.pop("stats_group", None)
         if self._telemetry is not None:
             state_dict[STATE_DICT_KEY] = {k: v.clone() for k, v in self._telemetry.items()}
         return state_dict

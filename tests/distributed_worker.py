@@ -142,17 +142,24 @@ def run_fsdp(rank: int, checkpoint_dir: Path) -> dict:
     return {**uninterrupted, "resumed": resumed}
 
 
-def run_zero(rank: int) -> dict:
+def run_zero(rank: int, checkpoint: Path) -> dict:
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     model = nn.parallel.DistributedDataParallel(make_model())
     groups = two_groups(model.module)
     opt = ZeroRedundancyOptimizer(
-        groups[0]["params"], optimizer_class=alr.ALROptimizer, stats_group=dist.group.WORLD,
+        groups[0]["params"], optimizer_class=alr.ALROptimizer, stats_group="world",
         hypergrad_scope="group", **OPTIONS,
     )  # fmt: skip
     opt.add_param_group(groups[1])
-    train_steps(model, opt, range(STEPS), rank)
+    train_steps(model, opt, range(CHECKPOINT_STEP), rank)
+    # ZeRO's own checkpoint: consolidated on rank 0, saved, loaded by a fresh ZeRO on every rank.
+    opt.consolidate_state_dict(to=0)
+    if rank == 0:
+        torch.save(opt.state_dict(), checkpoint)
+    dist.barrier()
+    opt.load_state_dict(torch.load(checkpoint, weights_only=False))
+    train_steps(model, opt, range(CHECKPOINT_STEP, STEPS), rank)
     shares = [len(group["params"]) for group in opt.optim.param_groups]
     return {"params": [p.detach().clone() for p in model.parameters()], "kappa": opt.optim.stats().kappa[0], "shares": shares}
 
@@ -166,7 +173,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         results = {
             "ddp": run_ddp(rank),
             "fsdp": run_fsdp(rank, out / "checkpoint"),
-            "zero": run_zero(rank),
+            "zero": run_zero(rank, out / "zero.pt"),
         }
         torch.save(results, out / f"rank{rank}.pt")
     finally:

@@ -131,3 +131,8 @@ def test_zero_rank_with_an_empty_share_still_meets_the_others(ranks) -> None:
     in it, still took part in the collectives (and the run above equals one process)."""
     shares = sorted(tuple(rank["zero"]["shares"]) for rank in ranks)
     assert [share[1] for share in shares] == [0, 1], shares
+
+
+def test_stats_group_names_only_the_world() -> None:
+    with pytest.raises(ValueError, match="Invalid stats_group: 'everyone'"):
+        alr.ALROptimizer([torch.zeros(2, requires_grad=True)], stats_group="everyone")
