@@ -410,7 +410,7 @@ class ALROptimizer(Optimizer):
                 continue
             if group["backend"] != "auto":
                 backends.check_device(group["backend"], p.device, p.dtype)
-            state = self._init_state(p, hyper)
+            state = self._init_state(p, hyper, group, position)
             # A DTensor (FSDP2) is stepped through its local shard, which shares its storage.
             local = local_tensor(p)
             bucket = buckets.setdefault((local.device, local.dtype), Bucket([], [], []))
@@ -433,7 +433,7 @@ class ALROptimizer(Optimizer):
                 bucket.rounding_keys.append(state[ROUNDING_KEY])
         return list(buckets.values())
 
-    def _init_state(self, p: Tensor, hyper: GroupHyper) -> dict[str, Any]:
+    def _init_state(self, p: Tensor, hyper: GroupHyper, group: dict[str, Any], position: int) -> dict[str, Any]:
         state = self.state[p]
         if "step" not in state:
             # A torch.optim.SGD checkpoint has no step; a momentum buffer means one was taken.
@@ -455,14 +455,18 @@ class ALROptimizer(Optimizer):
             state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
         if hyper.stochastic_rounding and p.dtype == torch.bfloat16 and not hyper.master_weights:
             if state.get(ROUNDING_KEY) is None:
-                state[ROUNDING_KEY] = torch.tensor(self._rounding_key(p), dtype=torch.int64, device=p.device)
+                state[ROUNDING_KEY] = torch.tensor(self._rounding_key(group, position), dtype=torch.int64, device=p.device)
         return state
 
-    def _rounding_key(self, p: Tensor) -> int:
-        """A parameter's stream key: its rounding seed and its index in the optimizer."""
-        index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        return (group["rounding_seed"] * 0x9E3779B1 + index) & 0xFFFFFFFF
+    def _rounding_key(self, group: dict[str, Any], position: int) -> int:
+        """The stream key of ``group["params"][position]``: the group's rounding seed and the
+        parameter's index in the optimizer (counted over the groups before it)."""
+        offset = 0
+        for other in self.param_groups:
+            if other is group:
+                break
+            offset += len(other["params"])
+        return (group["rounding_seed"] * 0x9E3779B1 + offset + position) & 0xFFFFFFFF
 
     def _kappa(self, group: dict[str, Any]) -> Tensor:
         """The group's κ, 1 at start."""
