@@ -66,6 +66,7 @@ def update(
     """See :func:`alr.reference.update`."""
     stats = _update(
         *bucket.tensor_lists(),
+        bucket.rounding_keys,
         alphas,
         grad_scale,
         clip_coef,

@@ -131,15 +131,31 @@ def _flat_layout(params: list[Tensor], others: list[list[Tensor]]) -> bool:
     return True
 
 
-def _contiguous(tensors: list[Tensor], copies: list[tuple[Tensor, Tensor]] | None) -> list[Tensor]:
-    """Contiguous versions of ``tensors``; the (original, copy) pairs that must be written
-    back after an update go into ``copies``. The rare path: strided or mismatched layouts."""
+def _kernel_strides(param: Tensor) -> tuple[int, ...]:
+    """The layout the kernels see a position in: the parameter's when it is dense, else
+    row-major (so element offsets, the stochastic-rounding index, are the reference's)."""
+    if is_dense(param):
+        return param.stride()
+    strides, step = [], 1
+    for size in reversed(param.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _staged(tensors: list[Tensor], strides: list[tuple[int, ...]], copies: list[tuple[Tensor, Tensor]] | None) -> list[Tensor]:
+    """``tensors`` in the given layouts, copied where they differ; the (original, copy) pairs
+    that must be written back after an update go into ``copies``. The rare path: strided
+    or mismatched layouts."""
     out = []
-    for t in tensors:
-        c = t.contiguous()
-        if copies is not None and c is not t:
-            copies.append((t, c))
-        out.append(c)
+    for t, stride in zip(tensors, strides):
+        if t.stride() == stride:
+            out.append(t)
+            continue
+        copy = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+        if copies is not None:
+            copies.append((t, copy))
+        out.append(copy)
     return out
 
 
@@ -217,8 +233,11 @@ def _run_step(
     streams = _streams(lists, opt)
     if not _flat_layout(params, [lists.grads, *streams[1:]]):
         copies: list[tuple[Tensor, Tensor]] = [] if write else None
-        staged = SimpleNamespace(**{name: _contiguous(ts, copies) for name, ts in vars(lists).items() if name != "grads"})
-        staged.grads, staged.steps = _contiguous(lists.grads, None), lists.steps
+        strides = [_kernel_strides(p) for p in params]
+        staged = SimpleNamespace(**vars(lists))
+        for name in _PER_ELEMENT_LISTS:
+            staged_copies = copies if name in _MUTATED else None
+            setattr(staged, name, _staged(getattr(lists, name), strides, staged_copies))
         result = _run_step(staged, opt, alphas, grad_scale, clip_coef, skip, write, stats)
         for original, copy in copies or ():
             original.copy_(copy)
@@ -293,6 +312,8 @@ def _run_step(
 _TENSOR_LISTS = ("params", "grads", "steps", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "momentum_buffers",
                  "prev_directions", "master_params", "rounding_keys")  # fmt: skip
 _MUTATED = tuple(name for name in _TENSOR_LISTS if name not in ("grads", "rounding_keys"))
+_PER_ELEMENT_LISTS = tuple(name for name in _TENSOR_LISTS if name not in ("steps", "rounding_keys"))
+"""The lists of tensors shaped like their parameters (the others hold 0-d tensors)."""
 
 
 @torch.library.custom_op("alr::triton_grad_stats", mutates_args=())
@@ -415,4 +436,4 @@ def update(
 
 def _op_lists(bucket: Bucket) -> tuple[list[Tensor], ...]:
     """The tensor lists in the order of this module's ops (``_TENSOR_LISTS``)."""
-    return (*bucket.tensor_lists(), bucket.master_params, bucket.rounding_keys)
+    return (*bucket.tensor_lists(), bucket.rounding_keys)

@@ -45,7 +45,7 @@ _DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPES = {"cuda": _GPU_DTYPES, "triton": _GPU_DTYPES}
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
-_LOW_PRECISION = ("reference", "triton")
+_LOW_PRECISION = ("reference", "cpu", "triton")
 """Backends with kernels for master weights, stochastic rounding and a separate state dtype."""
 _LOW_PRECISION_NOTE = " with master_weights, stochastic_rounding or state_dtype"
 _ENV_VAR = "ALR_BACKEND"

@@ -68,7 +68,8 @@ class Bucket:
 
     def tensor_lists(self) -> tuple[list[Tensor], ...]:
         """The tensor lists in the order of the kernel ops' schemas: params, grads, steps,
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions."""
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions,
+        master_params (the update ops take ``rounding_keys`` after them)."""
         return (
             self.params,
             self.grads,
@@ -78,6 +79,7 @@ class Bucket:
             self.max_exp_avg_sqs,
             self.momentum_buffers,
             self.prev_directions,
+            self.master_params,
         )
 
     def position_index(self) -> Tensor:

@@ -139,7 +139,7 @@ def _op_args(hyper: GroupHyper, collect: bool):
     kwargs = hyper.kernel_kwargs()
     lists = bucket.tensor_lists()
     alphas = torch.full((len(bucket),), 0.01, dtype=torch.float64)
-    update_args = (*lists, alphas, torch.tensor(2.0), torch.tensor(0.5), torch.tensor(False))
+    update_args = (*lists, bucket.rounding_keys, alphas, torch.tensor(2.0), torch.tensor(0.5), torch.tensor(False))
     return bucket, lists, update_args, {**kwargs, "collect_stats": collect}, kwargs
 
 

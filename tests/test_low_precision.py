@@ -52,18 +52,46 @@ def test_backends_match_the_reference_or_refuse_by_name(backend: str, device: to
     run_parity(backend, lambda: typed_params(SHAPES, dtype, device=device), options)
 
 
-def test_auto_falls_back_to_the_reference_where_kernels_are_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    if backends.backend_unavailable_reason("cpu") is not None:
-        pytest.skip("the cpu backend is not built here")
-    monkeypatch.setattr(backends, "_warned_fallbacks", set())
-    monkeypatch.delenv("ALR_BACKEND", raising=False)
-    ps, opt, qs, ref = make_pair("auto", lambda: typed_params(SHAPES, torch.bfloat16), CASES["adamw-bf16-master"][1])
-    set_same_grads([ps, qs], seed=0)
-    with pytest.warns(alr.ALRBackendFallbackWarning, match="with master_weights, stochastic_rounding or state_dtype"):
-        opt.step()
-    ref.step()
-    for p, q in zip(ps, qs):
-        assert_bit_identical(p.detach(), q.detach(), "auto must run the reference here")
+def _storage_combinations():
+    """Every (parameter dtype, state dtype, parameter write) the options can produce."""
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for state in dict.fromkeys((dtype, torch.float32, torch.bfloat16)):
+            for write in ("nearest", "master", "stochastic"):
+                sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+                if write == "master" and not (sixteen_bit and state != torch.float16):
+                    continue  # no master for 32/64-bit parameters; state_dtype cannot be float16
+                if write == "stochastic" and dtype != torch.bfloat16:
+                    continue
+                yield dtype, state, write
+
+
+COMBINATIONS = {f"{str(d)[6:]}-{str(s)[6:]}-state-{w}": (d, s, w) for d, s, w in _storage_combinations()}
+
+
+@pytest.mark.parametrize("algorithm", ["adamw-amsgrad", "sgd-nesterov"])
+@pytest.mark.parametrize("combination", COMBINATIONS.values(), ids=COMBINATIONS.keys())
+def test_every_storage_combination_matches_the_reference(backend: str, device: torch.device, combination, algorithm: str) -> None:
+    """Each combination of parameter dtype, state dtype and write (nearest, master, stochastic),
+    with a transposed parameter whose gradient is row-major (the backends stage it into the
+    parameter's layout, where the stochastic-rounding index is the element's memory offset)."""
+    dtype, state, write = combination
+    if backend != "cpu" and dtype == torch.float64:
+        pytest.skip(f"the {backend} backend takes 16- and 32-bit parameters")
+    options = dict(
+        algorithm="adamw", amsgrad=True, weight_decay=0.1, **HD
+    ) if algorithm == "adamw-amsgrad" else dict(algorithm="sgd", momentum=0.9, nesterov=True, weight_decay=0.1, **HD)
+    options.update(
+        state_dtype=state if state in (torch.float32, torch.bfloat16) else None,
+        master_weights=write == "master",
+        stochastic_rounding=write == "stochastic",
+    )
+
+    def make():
+        transposed = typed_params([(33, 20)], dtype, seed=1, device=device)[0].detach().t().requires_grad_()
+        return typed_params([(5, 3), (0,), (), (1500,)], dtype, device=device) + [transposed]
+
+    ps, opt = run_parity(backend, make, options, steps=3, like_param=False)
+    assert opt.state[ps[0]]["exp_avg" if options["algorithm"] == "adamw" else "momentum_buffer"].dtype == state
 
 
 # --- the options' semantics (reference) ----------------------------------------------------------

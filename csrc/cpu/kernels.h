@@ -19,6 +19,53 @@ namespace cpu {
 enum class Dtype : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3 };
 constexpr int kNumDtypes = 4;
 
+// How a kernel writes the new parameter value p (opmath): rounded to nearest; into the
+// float32 master copy, which it also reads instead of the parameter, and its image rounded
+// to nearest into the parameter; or rounded stochastically to bfloat16.
+enum class ParamWrite : int { kNearest = 0, kMaster = 1, kStochastic = 2 };
+
+// A storage combination with kernels: the parameters' dtype (the gradients have it too),
+// the state's dtype and the parameter write.
+struct Variant {
+  Dtype param;
+  Dtype state;
+  ParamWrite write;
+};
+
+// Every combination the optimizer's options produce (state_dtype is float32 or bfloat16, so
+// float16 masters always come with another state dtype). The first kNumDtypes are
+// torch.optim's own (state in the parameters' dtype), in Dtype order, so that for them the
+// variant index is the dtype.
+constexpr Variant kVariants[] = {
+    {Dtype::kFloat, Dtype::kFloat, ParamWrite::kNearest},
+    {Dtype::kDouble, Dtype::kDouble, ParamWrite::kNearest},
+    {Dtype::kBFloat16, Dtype::kBFloat16, ParamWrite::kNearest},
+    {Dtype::kHalf, Dtype::kHalf, ParamWrite::kNearest},
+    {Dtype::kFloat, Dtype::kBFloat16, ParamWrite::kNearest},
+    {Dtype::kDouble, Dtype::kFloat, ParamWrite::kNearest},
+    {Dtype::kDouble, Dtype::kBFloat16, ParamWrite::kNearest},
+    {Dtype::kBFloat16, Dtype::kFloat, ParamWrite::kNearest},
+    {Dtype::kBFloat16, Dtype::kFloat, ParamWrite::kMaster},
+    {Dtype::kBFloat16, Dtype::kBFloat16, ParamWrite::kMaster},
+    {Dtype::kBFloat16, Dtype::kFloat, ParamWrite::kStochastic},
+    {Dtype::kBFloat16, Dtype::kBFloat16, ParamWrite::kStochastic},
+    {Dtype::kHalf, Dtype::kFloat, ParamWrite::kNearest},
+    {Dtype::kHalf, Dtype::kBFloat16, ParamWrite::kNearest},
+    {Dtype::kHalf, Dtype::kFloat, ParamWrite::kMaster},
+    {Dtype::kHalf, Dtype::kBFloat16, ParamWrite::kMaster},
+};
+constexpr int kNumVariants = static_cast<int>(sizeof(kVariants) / sizeof(kVariants[0]));
+
+// The index of a combination in kVariants, or -1.
+constexpr int variant_index(Dtype param, Dtype state, ParamWrite write) {
+  for (int v = 0; v < kNumVariants; ++v) {
+    if (kVariants[v].param == param && kVariants[v].state == state && kVariants[v].write == write) {
+      return v;
+    }
+  }
+  return -1;
+}
+
 enum class Isa : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr int kNumIsas = 3;
 
@@ -42,9 +89,16 @@ struct GradArgs {
   bool coupled_decay;   // g += λ·p (Adam with L2 decay, SGD)
 };
 
+// Where the new parameter value goes (see ParamWrite).
+struct ParamArgs {
+  void* param;
+  float* master;             // kMaster variants: the float32 master copy
+  uint32_t rounding_stream;  // kStochastic variants: the tensor's stream s of this step
+};
+
 struct AdamArgs {
   GradArgs grad;
-  void* param;
+  ParamArgs param;
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // amsgrad variants only
@@ -63,7 +117,7 @@ struct AdamArgs {
 
 struct SgdArgs {
   GradArgs grad;
-  void* param;
+  ParamArgs param;
   void* momentum_buffer;  // momentum variants
   void* prev_direction;   // store-prev variants: receives d_t (and holds d_{t-1})
   double momentum;
@@ -76,14 +130,17 @@ using AdamKernel = void (*)(const AdamArgs& args, int64_t begin, int64_t end, do
 using SgdKernel = void (*)(const SgdArgs& args, int64_t begin, int64_t end, double* stats);
 using GradStatsKernel = void (*)(const GradArgs& args, int64_t begin, int64_t end, double* stats);
 
+// The variants beyond torch.optim's always divide by the scale (by 1 without a GradScaler,
+// which is exact): the [grad_scale] dimension is specialised for the common layouts only,
+// which keeps the number of kernels (and the build time) down.
 struct KernelTable {
   const char* isa;
-  // [dtype][grad_scale][amsgrad][mode]
-  AdamKernel adam[kNumDtypes][2][2][kNumModes];
-  // [dtype][grad_scale][momentum][store_prev][mode]. In kStatsOnly mode (and for the
+  // [variant][grad_scale][amsgrad][mode]
+  AdamKernel adam[kNumVariants][2][2][kNumModes];
+  // [variant][grad_scale][momentum][store_prev][mode]. In kStatsOnly mode (and for the
   // statistics of kUpdateStats) d_{t-1} is read from prev_direction when store_prev, else
   // from momentum_buffer; the momentum index is ignored by kStatsOnly.
-  SgdKernel sgd[kNumDtypes][2][2][2][kNumModes];
+  SgdKernel sgd[kNumVariants][2][2][2][kNumModes];
   // [dtype][grad_scale]
   GradStatsKernel grad_stats[kNumDtypes][2];
 };

@@ -38,6 +38,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include "alr_math.h"
 #include "cpu/kernels.h"
 #include "cpu/multi_tensor.h"
 #include "op_inputs.h"
@@ -49,7 +50,6 @@ namespace {
 using at::Tensor;
 using at::TensorList;
 using ops::check_list;
-using ops::check_matches;
 using ops::check_state;
 using ops::Hyper;
 using ops::make_hyper;
@@ -137,6 +137,36 @@ GradArgs grad_args(const Hyper& h, double grad_scale, double clip, Dtype d) {
   g.coupled_decay = h.weight_decay != 0 && !(h.adam && h.decoupled_weight_decay);
   g.weight_decay = to_opmath(h.weight_decay, d);
   return g;
+}
+
+// The kernels' variant for a bucket: the parameters' and the state's dtypes, and how the
+// parameters are written.
+int variant_of(at::ScalarType param_dtype, at::ScalarType state_dtype, const State& st) {
+  const ParamWrite write = !st.master_params.empty()   ? ParamWrite::kMaster
+                           : !st.rounding_keys.empty() ? ParamWrite::kStochastic
+                                                       : ParamWrite::kNearest;
+  const int v = variant_index(dtype_of(param_dtype), dtype_of(state_dtype), write);
+  TORCH_CHECK(v >= 0, "alr: the cpu backend has no kernel for ", param_dtype, " parameters with ", state_dtype,
+              " state");
+  return v;
+}
+
+// Where a tensor's new parameter value goes: its kernel's ParamArgs.
+ParamArgs param_args(const Tensor& ref, const Tensor& step_counter, const State& st, size_t i, Staging& staging,
+                     bool write) {
+  ParamArgs a{};
+  a.param = ref.data_ptr();
+  if (!st.master_params.empty()) {
+    a.master = staging.stage(st.master_params[i], ref, write).data_ptr<float>();
+  }
+  if (!st.rounding_keys.empty()) {
+    const Tensor& key = st.rounding_keys[i];
+    TORCH_CHECK(key.device().is_cpu(), "alr: rounding_keys[", i, "] must be a CPU tensor for the cpu backend");
+    // The step being taken, as the reference's float-to-int64 conversion of the counter.
+    const auto step = static_cast<uint64_t>(static_cast<int64_t>(step_value(step_counter, i)) + 1);
+    a.rounding_stream = math::rounding_stream(static_cast<uint32_t>(*key.const_data_ptr<int64_t>()), step);
+  }
+  return a;
 }
 
 // Bias corrections for one step count, as the reference computes them from the float64
@@ -232,7 +262,7 @@ Tensor grad_stats_cpu(TensorList grads, const std::optional<Tensor>& grad_scale)
 
 // Builds the kernel arguments of every tensor (staging layouts as needed) and runs `mode`.
 // Returns the [n, 3] statistics (undefined tensor for Mode::kUpdate).
-Tensor adam_call(const Hyper& h, Dtype d, TensorList params, TensorList grads, TensorList steps,
+Tensor adam_call(const Hyper& h, Dtype d, int variant, TensorList params, TensorList grads, TensorList steps,
                  const State& st, const double* alphas, double grad_scale, bool has_scale, double clip,
                  Mode mode) {
   const int64_t n = static_cast<int64_t>(params.size());
@@ -250,7 +280,7 @@ Tensor adam_call(const Hyper& h, Dtype d, TensorList params, TensorList grads, T
     }
     AdamArgs& a = args[i];
     const Tensor& ref = call.staging.reference(p, write);
-    a.param = ref.data_ptr();
+    a.param = param_args(ref, steps[i], st, i, call.staging, write);
     a.grad = common;
     a.grad.grad = call.staging.stage(grads[i], ref, false).const_data_ptr();
     a.exp_avg = call.staging.stage(st.exp_avgs[i], ref, write).data_ptr();
@@ -272,13 +302,13 @@ Tensor adam_call(const Hyper& h, Dtype d, TensorList params, TensorList grads, T
   }
   const WorkPlan plan = plan_work(call.numels.data(), n);
   std::vector<double> slots(mode == Mode::kUpdate ? 0 : plan.segments.size() * kHypergradStats);
-  run(plan, args, table().adam[static_cast<int>(d)][has_scale][h.amsgrad][static_cast<int>(mode)], slots.data(),
+  run(plan, args, table().adam[variant][has_scale][h.amsgrad][static_cast<int>(mode)], slots.data(),
       kHypergradStats);
   call.staging.finish();
   return mode == Mode::kUpdate ? Tensor() : reduce_slots(plan, slots, n, kHypergradStats, false);
 }
 
-Tensor sgd_call(const Hyper& h, Dtype d, TensorList params, TensorList grads, TensorList steps,
+Tensor sgd_call(const Hyper& h, Dtype d, int variant, TensorList params, TensorList grads, TensorList steps,
                 const State& st, const double* alphas, double grad_scale, bool has_scale, double clip,
                 Mode mode) {
   const int64_t n = static_cast<int64_t>(params.size());
@@ -300,7 +330,7 @@ Tensor sgd_call(const Hyper& h, Dtype d, TensorList params, TensorList grads, Te
     }
     SgdArgs& a = args[i];
     const Tensor& ref = call.staging.reference(p, write);
-    a.param = ref.data_ptr();
+    a.param = param_args(ref, steps[i], st, i, call.staging, write);
     a.grad = common;
     a.grad.grad = call.staging.stage(grads[i], ref, false).const_data_ptr();
     a.momentum_buffer =
@@ -317,7 +347,7 @@ Tensor sgd_call(const Hyper& h, Dtype d, TensorList params, TensorList grads, Te
   }
   const WorkPlan plan = plan_work(call.numels.data(), n);
   std::vector<double> slots(mode == Mode::kUpdate ? 0 : plan.segments.size() * kHypergradStats);
-  run(plan, args, table().sgd[static_cast<int>(d)][has_scale][momentum][store_prev][static_cast<int>(mode)],
+  run(plan, args, table().sgd[variant][has_scale][momentum][store_prev][static_cast<int>(mode)],
       slots.data(), kHypergradStats);
   call.staging.finish();
   return mode == Mode::kUpdate ? Tensor() : reduce_slots(plan, slots, n, kHypergradStats, false);
@@ -325,8 +355,9 @@ Tensor sgd_call(const Hyper& h, Dtype d, TensorList params, TensorList grads, Te
 
 Tensor hypergrad_stats_cpu(TensorList params, TensorList grads, TensorList steps, TensorList exp_avgs,
                            TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList momentum_buffers,
-                           TensorList prev_directions, const std::optional<Tensor>& grad_scale,
-                           const std::optional<Tensor>& clip_coef, c10::string_view algorithm, double beta1,
+                           TensorList prev_directions, TensorList master_params,
+                           const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip_coef,
+                           c10::string_view algorithm, double beta1,
                            double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
                            bool amsgrad, bool maximize, double momentum, double dampening, bool nesterov,
                            bool needs_prev_direction) {
@@ -336,18 +367,19 @@ Tensor hypergrad_stats_cpu(TensorList params, TensorList grads, TensorList steps
   const Hyper h = make_hyper(algorithm, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
                              maximize, momentum, dampening, nesterov, needs_prev_direction);
   const Dtype d = check_params(params);
-  const State st{exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions};
-  check_state(h, params, grads, steps, st, /*need_stats_source=*/true);
+  const State st{exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions, master_params, {}};
+  const int variant = variant_of(params[0].scalar_type(), check_state(h, params, grads, steps, st, /*need_stats_source=*/true), st);
   const bool has_scale = grad_scale.has_value();
   const double scale = has_scale ? scalar_value(*grad_scale, "grad_scale") : 1.0;
   const double clip = clip_coef.has_value() ? scalar_value(*clip_coef, "clip_coef") : 1.0;
   auto call = h.adam ? adam_call : sgd_call;
-  return call(h, d, params, grads, steps, st, nullptr, scale, has_scale, clip, Mode::kStatsOnly);
+  return call(h, d, variant, params, grads, steps, st, nullptr, scale, has_scale, clip, Mode::kStatsOnly);
 }
 
 Tensor update_cpu(TensorList params, TensorList grads, TensorList steps, TensorList exp_avgs,
                   TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList momentum_buffers,
-                  TensorList prev_directions, const Tensor& alphas, const std::optional<Tensor>& grad_scale,
+                  TensorList prev_directions, TensorList master_params, TensorList rounding_keys,
+                  const Tensor& alphas, const std::optional<Tensor>& grad_scale,
                   const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip,
                   c10::string_view algorithm, double beta1, double beta2, double eps, double weight_decay,
                   bool decoupled_weight_decay, bool amsgrad, bool maximize, double momentum, double dampening,
@@ -360,8 +392,9 @@ Tensor update_cpu(TensorList params, TensorList grads, TensorList steps, TensorL
   const Hyper h = make_hyper(algorithm, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
                              maximize, momentum, dampening, nesterov, needs_prev_direction);
   const Dtype d = check_params(params);
-  const State st{exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions};
-  check_state(h, params, grads, steps, st, collect_stats);
+  const State st{exp_avgs,        exp_avg_sqs,   max_exp_avg_sqs, momentum_buffers,
+                 prev_directions, master_params, rounding_keys};
+  const int variant = variant_of(params[0].scalar_type(), check_state(h, params, grads, steps, st, collect_stats), st);
   TORCH_CHECK(alphas.device().is_cpu() && alphas.numel() == n, "alr: alphas must be a CPU tensor of ", n,
               " elements, got ", alphas.numel(), " on ", alphas.device());
   const Tensor alphas64 = alphas.to(at::kDouble).contiguous();
@@ -375,7 +408,8 @@ Tensor update_cpu(TensorList params, TensorList grads, TensorList steps, TensorL
   }
   const Mode mode = collect_stats ? Mode::kUpdateStats : Mode::kUpdate;
   auto call = h.adam ? adam_call : sgd_call;
-  Tensor stats = call(h, d, params, grads, steps, st, alphas64.const_data_ptr<double>(), scale, has_scale, clip, mode);
+  Tensor stats =
+      call(h, d, variant, params, grads, steps, st, alphas64.const_data_ptr<double>(), scale, has_scale, clip, mode);
   increment_steps(steps);
   return collect_stats ? stats : at::empty({0, kHypergradStats}, stats_options);
 }

@@ -301,7 +301,7 @@ struct AdamArrays {
     a.grad.grad_mult = -0.5;
     a.grad.weight_decay = 0.01;
     a.grad.coupled_decay = coupled;
-    a.param = p.data();
+    a.param.param = p.data();
     a.exp_avg = m.data();
     a.exp_avg_sq = v.data();
     a.max_exp_avg_sq = vmax.data();
@@ -415,7 +415,7 @@ void check_sgd(const KernelTable& table, int64_t n) {
           a.grad.grad_mult = 0.8;
           a.grad.weight_decay = 0.05;
           a.grad.coupled_decay = (mode % 2) == 0;
-          a.param = got.p.data();
+          a.param.param = got.p.data();
           a.momentum_buffer = got.b.data();
           a.prev_direction = got.prev.data();
           a.momentum = 0.9;
