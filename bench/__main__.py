@@ -30,7 +30,7 @@ from alr.backends import BACKENDS
 
 from .charts import write_charts
 from .environment import CpuLoad, collect_environment
-from .implementations import ALGORITHMS, VARIANTS, device_backends
+from .implementations import ALGORITHMS, DEFAULT_VARIANTS, VARIANTS, device_backends
 from .report import markdown, write_json
 from .runner import Config, run
 from .workloads import DEFAULT_WORKLOADS, WORKLOADS
@@ -73,7 +73,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="repeatable; default: mixed-34m and small-1000 on CPU, gpt2-small on CUDA",
     )
     parser.add_argument("--algorithm", choices=ALGORITHMS, action="append", help="repeatable; default: all")
-    parser.add_argument("--variant", choices=VARIANTS, action="append", help="repeatable; default: all")
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        action="append",
+        help=f"repeatable; default: {', '.join(DEFAULT_VARIANTS)} (the low-precision ones by name)",
+    )
     parser.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -140,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype=DTYPES[args.dtype],
         workloads=workloads,
         algorithms=args.algorithm or list(ALGORITHMS),
-        variants=args.variant or list(VARIANTS),
+        variants=args.variant or list(DEFAULT_VARIANTS),
         backends=args.backend or _default_backends(device, args.quick),
         warmup=args.warmup if args.warmup is not None else effort.warmup,
         reps=args.reps or effort.reps,

@@ -24,6 +24,14 @@ Variants:
 * ``defaults``: ``alr.ALROptimizer`` with its own defaults (the nonfinite pre-pass and the
   one-pass hypergradient on): what a user gets without choosing anything, against the
   plain torch step.
+
+Low-precision variants (asked for by name with ``--variant``; torch.optim has none of
+them, so they too are compared with the plain torch step of the same ``--dtype``):
+
+* ``bf16-state``: the drop-in with ``state_dtype=torch.bfloat16`` (for float32 parameters:
+  half the state memory and traffic);
+* ``master``: ``master_weights=True`` (16-bit ``--dtype`` only), float32 master and state;
+* ``stochastic``: ``stochastic_rounding=True`` (``--dtype bfloat16`` only), float32 state.
 """
 
 from __future__ import annotations
@@ -42,11 +50,18 @@ from torch import Tensor
 import alr
 from alr import backends as alr_backends
 
-__all__ = ["ALGORITHMS", "PLAIN_BASELINE_VARIANTS", "VARIANTS", "Impl", "StepFn", "device_backends", "implementations"]
+__all__ = ["ALGORITHMS", "DEFAULT_VARIANTS", "PLAIN_BASELINE_VARIANTS", "VARIANTS", "Impl", "StepFn", "device_backends", "implementations"]
 
 ALGORITHMS = ("adam", "adamw", "sgd")
-VARIANTS = ("plain", "clip", "hypergrad", "defaults")
-PLAIN_BASELINE_VARIANTS = ("hypergrad", "defaults")
+DEFAULT_VARIANTS = ("plain", "clip", "hypergrad", "defaults")
+LOW_PRECISION_VARIANTS = {
+    "bf16-state": {"state_dtype": torch.bfloat16},
+    "master": {"master_weights": True},
+    "stochastic": {"stochastic_rounding": True},
+}
+"""The drop-in's extra options in each low-precision variant."""
+VARIANTS = (*DEFAULT_VARIANTS, *LOW_PRECISION_VARIANTS)
+PLAIN_BASELINE_VARIANTS = ("hypergrad", "defaults", *LOW_PRECISION_VARIANTS)
 """Variants torch has no step for: they are compared with the plain torch step."""
 
 LR = 1e-4
@@ -153,12 +168,24 @@ def _alr_impl(algorithm: str, variant: str, backend: str, device: torch.device) 
             )
         elif variant == "defaults":
             opt = alr.ALROptimizer(params, algorithm=algorithm, backend=backend, **_hyper(algorithm))
+        elif variant in LOW_PRECISION_VARIANTS:
+            _check_low_precision_dtype(variant, params[0].dtype)
+            opt = _ALR_CLASSES[algorithm](params, backend=backend, **_hyper(algorithm), **LOW_PRECISION_VARIANTS[variant])
         else:
             extra = {"max_grad_norm": MAX_GRAD_NORM} if variant == "clip" else {}
             opt = _ALR_CLASSES[algorithm](params, backend=backend, **_hyper(algorithm), **extra)
         return opt.step
 
     return Impl(name, "alr", make)
+
+
+def _check_low_precision_dtype(variant: str, dtype: torch.dtype) -> None:
+    """Master weights exist for 16-bit parameters, stochastic rounding for bfloat16 ones:
+    elsewhere the variant would time the plain step under another name."""
+    if variant == "master" and dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError("master weights are kept for 16-bit parameters: run with --dtype bfloat16 or float16")
+    if variant == "stochastic" and dtype != torch.bfloat16:
+        raise ValueError("stochastic rounding rounds bfloat16 parameters: run with --dtype bfloat16")
 
 
 def _peer_impls(algorithm: str, variant: str, device: torch.device) -> list[Impl]:

@@ -100,10 +100,12 @@ def _notes(rows: list[Row]) -> list[str]:
     dtype = ok[0].dtype if ok else "?"
     models = sorted({(row.algorithm, row.variant, row.traffic) for row in ok})
     notes = [
-        f"Parameters, gradients and state in {dtype}. GB/s = bytes model / median time; the "
-        "model counts whole-tensor streams of the parameter's size (Adam/AdamW read p, g, m, v "
-        "and write p, m, v; SGD-momentum reads p, g, b and writes p, b; clip adds a read of g; "
-        "hypergrad adds nothing; defaults adds the read of g of its nonfinite pre-pass). Per group: "
+        f"Parameters and gradients in {dtype}, state too except in the low-precision variants. "
+        "GB/s = bytes model / median time; the model counts whole-tensor streams of the "
+        "parameter's size (Adam/AdamW read p, g, m, v and write p, m, v; SGD-momentum reads p, g, b "
+        "and writes p, b; clip adds a read of g; hypergrad adds nothing; defaults adds the read of g "
+        "of its nonfinite pre-pass; bf16-state, master and stochastic count each stream in its own "
+        "dtype, master reading and writing a float32 master copy as well). Per group: "
         + "; ".join(f"{algorithm} {variant}: {traffic}" for algorithm, variant, traffic in models)
         + ".",
         (
@@ -113,8 +115,8 @@ def _notes(rows: list[Row]) -> list[str]:
     ]
     if any(row.variant in PLAIN_BASELINE_VARIANTS for row in ok):
         notes.append(
-            "† hypergrad, defaults: torch has no such step, so the baseline is the fastest plain "
-            "torch step of the same workload and algorithm. hypergrad runs "
+            "† hypergrad, defaults, bf16-state, master, stochastic: torch has no such step, so the "
+            "baseline is the fastest plain torch step of the same workload and algorithm. hypergrad runs "
             'ALROptimizer(hypergrad="mult", skip_nonfinite=False); defaults runs ALROptimizer with '
             "its own defaults (nonfinite pre-pass and one-pass hypergradient)."
         )

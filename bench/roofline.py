@@ -3,8 +3,8 @@
 Bytes model
 ===========
 A step's *useful* traffic is what an ideal single-pass kernel must move, counted in whole
-tensors of the parameter's size. Gradients and state have the parameter's dtype (as in
-``torch.optim``), so every stream is ``numel · itemsize`` bytes:
+tensors of the parameter's size. In the plain variants gradients and state have the
+parameter's dtype (as in ``torch.optim``), so every stream is ``numel · itemsize`` bytes:
 
 * Adam / AdamW: read p, g, m, v and write p, m, v: 4 reads + 3 writes = 7 streams
   (28 B per element in fp32, 14 B in bf16/fp16).
@@ -16,6 +16,13 @@ tensors of the parameter's size. Gradients and state have the parameter's dtype 
 * ``hypergrad`` adds nothing: alr's default one-pass adaptation takes its statistics
   (``g·d_{t-1}``, ``|g|²``, ``|d_{t-1}|²``) from the p, g and state it already reads for
   the update, and applies κ at the next step.
+* The low-precision variants follow the dtypes: ``bf16-state`` stores the moments (the
+  momentum buffer) in bfloat16; ``master`` reads and writes a float32 master copy in place
+  of reading the 16-bit parameter (which is still written) and keeps float32 state;
+  ``stochastic`` keeps float32 state. Streams are then counted in units of the smallest
+  size involved: with float32 parameters and bfloat16 moments, AdamW reads p, g (2 units
+  each) and m, v (1 each) and writes p, m, v: 6R+4W units of 2 B = 20 B per element,
+  against 28 B with float32 moments.
 
 Scalars (step counters, κ, the norm) are ignored. An implementation that moves more than
 the model (torch's ``clip_grad_norm_`` reads g for the norm and then reads and rewrites
@@ -54,33 +61,47 @@ __all__ = ["Roofline", "StreamKernel", "Traffic", "traffic"]
 
 @dataclass(frozen=True)
 class Traffic:
-    """Whole-tensor streams one step moves, each of the parameter's size and dtype."""
+    """Whole-tensor streams one step moves, each of ``numel · unit`` bytes (a tensor whose
+    elements take two units counts as two streams)."""
 
     reads: int
     writes: int
+    unit: int
 
     @property
     def streams(self) -> int:
         return self.reads + self.writes
 
-    def bytes(self, numel: int, itemsize: int) -> int:
-        return self.streams * numel * itemsize
+    def bytes(self, numel: int) -> int:
+        return self.streams * numel * self.unit
 
-    def describe(self, itemsize: int) -> str:
-        return f"{self.reads}R+{self.writes}W = {self.streams * itemsize} B/element"
+    def describe(self) -> str:
+        return f"{self.reads}R+{self.writes}W × {self.unit} B = {self.streams * self.unit} B/element"
 
 
-def traffic(algorithm: str, variant: str) -> Traffic:
-    """The bytes model (see the module docstring) of one step of ``algorithm`` in ``variant``."""
-    reads, writes = (3, 2) if algorithm == "sgd" else (4, 3)
+LOW_PRECISION_STATE = {"bf16-state": 2, "master": 4, "stochastic": 4}
+"""The state's itemsize in the low-precision variants (float32 under master weights and
+stochastic rounding is alr's default for 16-bit parameters)."""
+
+
+def traffic(algorithm: str, variant: str, itemsize: int) -> Traffic:
+    """The bytes model (see the module docstring) of one step of ``algorithm`` in ``variant``
+    with parameters (and gradients) of ``itemsize`` bytes."""
+    state = LOW_PRECISION_STATE.get(variant, itemsize)
+    master = 4 if variant == "master" else 0
+    state_tensors = 1 if algorithm == "sgd" else 2
+    reads = [master or itemsize, itemsize] + [state] * state_tensors  # p (or its master), g, state
+    writes = [itemsize] + [master] * bool(master) + [state] * state_tensors
     if variant in ("clip", "defaults"):
-        reads += 1
-    return Traffic(reads, writes)
+        reads.append(itemsize)
+    unit = math.gcd(*reads, *writes)
+    return Traffic(sum(reads) // unit, sum(writes) // unit, unit)
 
 
 @dataclass(frozen=True)
 class Roofline:
-    """The median bandwidth of the stream kernel for one (workload, dtype, traffic)."""
+    """The median bandwidth of the stream kernel for one (workload, traffic); ``itemsize`` is
+    the traffic's unit."""
 
     workload: str
     reads: int
@@ -93,16 +114,14 @@ class Roofline:
     times_ms: list[float]
 
     @classmethod
-    def from_times(
-        cls, workload: str, model: Traffic, numel: int, itemsize: int, times_ms: list[float]
-    ) -> Roofline:
-        total, median = model.bytes(numel, itemsize), statistics.median(times_ms)
+    def from_times(cls, workload: str, model: Traffic, numel: int, times_ms: list[float]) -> Roofline:
+        total, median = model.bytes(numel), statistics.median(times_ms)
         return cls(
             workload,
             model.reads,
             model.writes,
             numel,
-            itemsize,
+            model.unit,
             total,
             median,
             total / (median * 1e-3) / 1e9,
@@ -111,23 +130,26 @@ class Roofline:
 
 
 class StreamKernel:
-    """Flat float32 buffers holding ``numel · itemsize`` bytes each, for the roofline kernels.
+    """Flat float32 buffers holding ``numel · itemsize`` bytes each, for the roofline kernels;
+    a traffic of a smaller unit uses a leading part of each.
 
     float32 words whatever the parameter dtype: the kernel should be pure memory traffic,
     and 16-bit arithmetic on CPU adds conversions that a float32 add or multiply avoids.
     """
 
     def __init__(self, numel: int, itemsize: int, device: torch.device, buffers: int) -> None:
+        self.numel, self.itemsize = numel, itemsize
         words = math.ceil(numel * itemsize / 4)
         self.buffers = [torch.rand(words, device=device) for _ in range(buffers)]
 
     def fn(self, model: Traffic) -> Callable[[], None]:
         """The kernel for ``model``: ``model.reads`` buffers, the first ``model.writes`` updated in place."""
         extra = model.reads - model.writes
-        if extra > model.writes or model.reads > len(self.buffers):
-            raise ValueError(f"no stream kernel for {model} with {len(self.buffers)} buffers")
-        written = self.buffers[: model.writes]
-        read_only = self.buffers[model.writes : model.reads]
+        if extra > model.writes or model.reads > len(self.buffers) or model.unit > self.itemsize:
+            raise ValueError(f"no stream kernel for {model} with {len(self.buffers)} buffers of {self.itemsize} B")
+        words = math.ceil(self.numel * model.unit / 4)
+        written = [b[:words] for b in self.buffers[: model.writes]]
+        read_only = [b[:words] for b in self.buffers[model.writes : model.reads]]
 
         def stream() -> None:
             for i, buffer in enumerate(written):

@@ -89,14 +89,15 @@ class _Group:
     algorithm: str
     variant: str
     impls: tuple[Impl, ...]
+    itemsize: int
 
     @property
     def traffic(self) -> Traffic:
-        return traffic(self.algorithm, self.variant)
+        return traffic(self.algorithm, self.variant, self.itemsize)
 
     @property
-    def roofline_key(self) -> tuple[str, int, int]:
-        return (self.workload.name, self.traffic.reads, self.traffic.writes)
+    def roofline_key(self) -> tuple[str, Traffic]:
+        return (self.workload.name, self.traffic)
 
 
 def _plan(config: Config) -> list[_Group]:
@@ -116,7 +117,7 @@ def _plan(config: Config) -> list[_Group]:
                 impls = implementations(algorithm, variant, config.device, config.backends)
                 if variant == "plain" and baseline_only:
                     impls = [impl for impl in impls if impl.kind == "torch"]
-                groups.append(_Group(workload, algorithm, variant, tuple(impls)))
+                groups.append(_Group(workload, algorithm, variant, tuple(impls), config.itemsize))
     return groups
 
 
@@ -150,7 +151,7 @@ def run(config: Config) -> tuple[list[Row], list[Roofline]]:
     """Measure every planned group; returns the rows (in plan order) and the rooflines."""
     groups = _plan(config)
     rows: list[Row] = []
-    stream_times: dict[tuple[str, int, int], list[float]] = {}
+    stream_times: dict[tuple[str, Traffic], list[float]] = {}
     bar = tqdm(
         total=sum(len(g.impls) for g in groups),
         desc="bench",
@@ -167,20 +168,18 @@ def run(config: Config) -> tuple[list[Row], list[Roofline]]:
             pool = kernel = None  # free the previous workload's tensors before allocating
             current = group.workload.name
             pool = _TensorPool(group.workload, config.dtype, config.device)
-            buffers = max(g.traffic.reads for g in groups if g.workload.name == current)
-            kernel = StreamKernel(group.workload.numel, config.itemsize, config.device, buffers)
+            models = [g.traffic for g in groups if g.workload.name == current]
+            buffers, unit = max(m.reads for m in models), max(m.unit for m in models)
+            kernel = StreamKernel(group.workload.numel, unit, config.device, buffers)
         rows += _run_group(group, pool, kernel, config, stream_times)
         if config.device.type == "cuda":
             torch.cuda.empty_cache()  # the group's optimizer state is gone: hand it back
         bar.update(len(group.impls))
     bar.close()
     rooflines = {
-        key: Roofline.from_times(
-            key[0], Traffic(key[1], key[2]), _numel(groups, key[0]), config.itemsize, times
-        )
-        for key, times in stream_times.items()
+        key: Roofline.from_times(key[0], key[1], _numel(groups, key[0]), times) for key, times in stream_times.items()
     }
-    _finalize(rows, rooflines)
+    _finalize(rows, rooflines, config.itemsize)
     return rows, list(rooflines.values())
 
 
@@ -193,7 +192,7 @@ def _run_group(
     pool: _TensorPool,
     kernel: StreamKernel,
     config: Config,
-    stream_times: dict[tuple[str, int, int], list[float]],
+    stream_times: dict[tuple[str, Traffic], list[float]],
 ) -> list[Row]:
     model, workload = group.traffic, group.workload
     rows = [
@@ -207,8 +206,8 @@ def _run_group(
             dtype=str(config.dtype).removeprefix("torch."),
             n_tensors=workload.n_tensors,
             numel=workload.numel,
-            traffic=model.describe(config.itemsize),
-            bytes_per_step=model.bytes(workload.numel, config.itemsize),
+            traffic=model.describe(),
+            bytes_per_step=model.bytes(workload.numel),
         )
         for impl in group.impls
     ]
@@ -262,7 +261,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _finalize(rows: list[Row], rooflines: dict[tuple[str, int, int], Roofline]) -> None:
+def _finalize(rows: list[Row], rooflines: dict[tuple[str, Traffic], Roofline], itemsize: int) -> None:
     """Roofline percentages, and speedups against the fastest torch implementation of the group.
 
     ``hypergrad`` and ``defaults`` groups have no torch implementation; they are compared
@@ -277,8 +276,7 @@ def _finalize(rows: list[Row], rooflines: dict[tuple[str, int, int], Roofline]) 
     for row in rows:
         if row.status != "ok":
             continue
-        model = traffic(row.algorithm, row.variant)
-        roofline = rooflines.get((row.workload, model.reads, model.writes))
+        roofline = rooflines.get((row.workload, traffic(row.algorithm, row.variant, itemsize)))
         if roofline is not None:
             row.roofline_gbps = roofline.gbps
             row.pct_roofline = 100 * row.gbps / roofline.gbps

@@ -69,3 +69,34 @@ def test_tiny_quick_run_writes_table_json_and_charts(tmp_path: Path) -> None:
         data = (out / chart).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 1000
     assert (out / "results.md").read_text().strip()
+
+
+def test_bytes_model_follows_the_dtypes() -> None:
+    from bench.roofline import traffic
+
+    # float32 AdamW: p, g, m, v read and p, m, v written, 4 B each.
+    assert traffic("adamw", "plain", 4).bytes(1) == 28
+    # bfloat16 moments: 4 + 4 + 2 + 2 read, 4 + 2 + 2 written.
+    assert traffic("adamw", "bf16-state", 4).bytes(1) == 20
+    assert traffic("sgd", "bf16-state", 4).bytes(1) == 16
+    # bfloat16 parameters with float32 master and moments: master, g, m, v read; p, master, m, v written.
+    assert traffic("adam", "master", 2).bytes(1) == 28
+    # bfloat16 parameters, float32 moments, stochastic rounding: p, g, m, v read; p, m, v written.
+    assert traffic("adam", "stochastic", 2).bytes(1) == 22
+    assert traffic("sgd", "clip", 2).bytes(1) == 12
+
+
+def test_low_precision_variants_run_against_the_plain_torch_step(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    variants = [arg for v in ("plain", "bf16-state", "master", "stochastic") for arg in ("--variant", v)]
+    command = [sys.executable, "-m", "bench", "--tiny", "--quick", "--threads", "1", "--no-progress"]
+    command += ["--dtype", "bfloat16", "--workload", "small-1000", "--algorithm", "adamw", *variants, "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {row["variant"]: row for row in json.loads((out / "results.json").read_text())["rows"] if row["impl"] == QUICK_ALR}
+    for variant in ("master", "stochastic", "bf16-state"):
+        row = rows[variant]
+        assert row["status"] == "ok", row
+        assert row["baseline_impl"].startswith("torch") and row["speedup"] > 0
+        assert row["peak_extra_bytes"] is not None
+    assert rows["master"]["bytes_per_step"] == 2 * rows["plain"]["bytes_per_step"]  # 28 B against 14 B
