@@ -562,6 +562,57 @@ void test_isa_and_segment_invariance() {
   }
 }
 
+// Stochastic rounding in a kernel (bfloat16 parameters, float32 momentum): each element is
+// float_to_bf16_stochastic of the scalar update with its offset in the tensor as index,
+// whatever the instruction set and however the tensor is cut into segments.
+void test_stochastic_rounding_kernel() {
+  const int64_t n = 5000;
+  const int variant = variant_index(Dtype::kBFloat16, Dtype::kFloat, ParamWrite::kStochastic);
+  CHECK(variant >= 0, "no stochastic-rounding variant");
+  const uint32_t stream = math::rounding_stream(12345u, 7);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  std::vector<bf16_t> p0, g;
+  std::vector<float> b0;
+  for (int64_t i = 0; i < n; ++i) {
+    p0.push_back(math::float_to_bf16(normal(rng)));
+    g.push_back(math::float_to_bf16(normal(rng)));
+    b0.push_back(normal(rng) * 0.1f);
+  }
+  std::vector<bf16_t> want(n);
+  int64_t rounded_up = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    float p = math::bf16_to_float(p0[i]), b = b0[i];
+    math::SgdScalars<float> s{0.9f, 1.0f, false, -0.01f};
+    math::sgd_update<true>(p, b, math::bf16_to_float(g[i]), s);
+    want[i] = math::float_to_bf16_stochastic(p, stream, static_cast<uint64_t>(i));
+    rounded_up += want[i].bits != math::float_to_bf16(p).bits;
+  }
+  CHECK(rounded_up > n / 10, "stochastic rounding equals rounding to nearest too often (%lld differ)",
+        static_cast<long long>(rounded_up));
+  for (Isa isa : {Isa::kDefault, Isa::kAvx2, Isa::kAvx512}) {
+    if (!isa_supported(isa)) {
+      continue;
+    }
+    std::vector<bf16_t> p = p0;
+    std::vector<float> b = b0;
+    SgdArgs a{};
+    a.grad.grad = g.data();
+    a.grad.grad_scale = 1.0;
+    a.grad.grad_mult = 1.0;
+    a.param.param = p.data();
+    a.param.rounding_stream = stream;
+    a.momentum_buffer = b.data();
+    a.momentum = 0.9;
+    a.damp_weight = 1.0;
+    a.neg_lr = -0.01;
+    const SgdKernel kernel = kernel_table(isa).sgd[variant][0][1][0][static_cast<int>(Mode::kUpdate)];
+    kernel(a, 0, 1234, nullptr);
+    kernel(a, 1234, n, nullptr);
+    CHECK(equal_bytes(p, want), "%s: stochastic rounding differs from the scalar stream", isa_name(isa));
+  }
+}
+
 // --- The multi-tensor work plan -------------------------------------------------------------------
 
 void check_plan(const std::vector<int64_t>& numels, int64_t chunk) {
@@ -763,6 +814,7 @@ int main() {
   test_element_math();
   test_kernels();
   test_isa_and_segment_invariance();
+  test_stochastic_rounding_kernel();
   test_work_plan();
   test_cuda_launch_packing();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
