@@ -121,6 +121,28 @@ def test_op_rejects_inconsistent_buckets() -> None:
         _native.update(bucket, hyper, alphas, None, None, None, False)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "change", "message"),
+    [
+        (torch.float32, lambda b: setattr(b, "exp_avgs", [m.half() for m in b.exp_avgs]), "state tensors must have"),
+        (torch.float32, lambda b: setattr(b, "exp_avg_sqs", [v.bfloat16() for v in b.exp_avg_sqs]), r"exp_avg_sqs\[0\] has dtype"),
+        (torch.float32, lambda b: setattr(b, "master_params", [p.clone() for p in b.params]), "master_params are kept for bfloat16"),
+        (torch.bfloat16, lambda b: setattr(b, "master_params", [p.clone() for p in b.params]), r"master_params\[0\] has dtype"),
+        (torch.float16, lambda b: setattr(b, "rounding_keys", [torch.tensor(1) for _ in b.params]), "rounding_keys round bfloat16"),
+        (torch.bfloat16, lambda b: setattr(b, "rounding_keys", [torch.tensor(1.0) for _ in b.params]), "one-element int64"),
+    ],
+)
+def test_op_rejects_bad_low_precision_inputs_and_writes_nothing(dtype, change, message: str) -> None:
+    hyper = HYPERS["adamw"]
+    bucket = _bucket(hyper, dtype=dtype)
+    change(bucket)
+    before = [t.clone() for t in (*bucket.params, *bucket.exp_avgs, *bucket.exp_avg_sqs, *bucket.steps)]
+    with pytest.raises(RuntimeError, match=message):
+        _native.update(bucket, hyper, torch.full((len(bucket),), 0.01, dtype=torch.float64), None, None, None, False)
+    after = (*bucket.params, *bucket.exp_avgs, *bucket.exp_avg_sqs, *bucket.steps)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 def test_ops_reject_sparse_gradients() -> None:
     """Sparse tensors dispatch to SparseCPU, where the ops have no kernel: a clear error
     whoever calls them (so a caller need not check every gradient's layout in Python)."""

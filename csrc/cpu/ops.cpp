@@ -368,7 +368,8 @@ Tensor hypergrad_stats_cpu(TensorList params, TensorList grads, TensorList steps
                              maximize, momentum, dampening, nesterov, needs_prev_direction);
   const Dtype d = check_params(params);
   const State st{exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions, master_params, {}};
-  const int variant = variant_of(params[0].scalar_type(), check_state(h, params, grads, steps, st, /*need_stats_source=*/true), st);
+  const at::ScalarType state_dtype = check_state(h, params, grads, steps, st, /*need_stats_source=*/true);
+  const int variant = variant_of(params[0].scalar_type(), state_dtype, st);
   const bool has_scale = grad_scale.has_value();
   const double scale = has_scale ? scalar_value(*grad_scale, "grad_scale") : 1.0;
   const double clip = clip_coef.has_value() ? scalar_value(*clip_coef, "clip_coef") : 1.0;
@@ -394,7 +395,8 @@ Tensor update_cpu(TensorList params, TensorList grads, TensorList steps, TensorL
   const Dtype d = check_params(params);
   const State st{exp_avgs,        exp_avg_sqs,   max_exp_avg_sqs, momentum_buffers,
                  prev_directions, master_params, rounding_keys};
-  const int variant = variant_of(params[0].scalar_type(), check_state(h, params, grads, steps, st, collect_stats), st);
+  const at::ScalarType state_dtype = check_state(h, params, grads, steps, st, collect_stats);
+  const int variant = variant_of(params[0].scalar_type(), state_dtype, st);
   TORCH_CHECK(alphas.device().is_cpu() && alphas.numel() == n, "alr: alphas must be a CPU tensor of ", n,
               " elements, got ", alphas.numel(), " on ", alphas.device());
   const Tensor alphas64 = alphas.to(at::kDouble).contiguous();
