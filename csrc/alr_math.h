@@ -141,6 +141,33 @@ ALR_INLINE fp16_t float_to_fp16(float f) {
   return fp16_t{static_cast<uint16_t>(sign | magnitude)};
 }
 
+// --- Stochastic rounding (alr/reference.py, "Low precision") ---------------------------
+
+// The 32-bit integer hash h of the reference (two multiply-xorshift rounds).
+ALR_INLINE uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  return x ^ (x >> 15);
+}
+
+// A tensor's stream of one step: s = h(K ^ h(t)), t the step being taken (its low 32 bits)
+// and K the tensor's rounding key (in [0, 2^32)).
+ALR_INLINE uint32_t rounding_stream(uint32_t key, uint64_t step) {
+  return hash32(key ^ hash32(static_cast<uint32_t>(step)));
+}
+
+// f rounded stochastically to bfloat16: the top half of bits(f) + r, with the 16 random bits
+// r = h(h(s ^ i_lo) ^ i_hi) of element offset i. Rounds up with probability equal to f's
+// distance from the lower neighbour in units of the spacing; NaN rounds to nearest.
+ALR_INLINE bf16_t float_to_bf16_stochastic(float f, uint32_t stream, uint64_t index) {
+  const uint32_t random =
+      hash32(hash32(stream ^ static_cast<uint32_t>(index)) ^ static_cast<uint32_t>(index >> 32)) & 0xFFFFu;
+  const uint32_t rounded = (bits_from_float(f) + random) >> 16;
+  return bf16_t{static_cast<uint16_t>(select_bits(f != f, 0x7FC0u, rounded))};
+}
+
 // opmath: the type the math runs in for a storage type.
 template <typename S>
 struct OpMath {

@@ -92,16 +92,6 @@ inline void check_list(TensorList list, size_t n, const char* name) {
   }
 }
 
-// Same device, dtype and shape as its parameter (whose device the caller has checked).
-inline void check_matches(const Tensor& t, const Tensor& param, const char* name, size_t i) {
-  TORCH_CHECK(t.device() == param.device(), "alr: ", name, "[", i, "] is on ", t.device(),
-              " but its parameter is on ", param.device());
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), "alr: ", name, "[", i, "] has dtype ", t.scalar_type(),
-              " but its parameter has ", param.scalar_type());
-  TORCH_CHECK(t.sizes() == param.sizes(), "alr: ", name, "[", i, "] has shape ", t.sizes(),
-              " but its parameter has ", param.sizes());
-}
-
 // The hyper-parameters the ops take as keyword arguments.
 struct Hyper {
   bool adam;
@@ -123,11 +113,30 @@ inline Hyper make_hyper(c10::string_view algorithm, double beta1, double beta2, 
 // The state lists an algorithm reads, checked against the parameters.
 struct State {
   TensorList exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions;
+  TensorList master_params;  // float32 copies of 16-bit parameters, or empty
+  TensorList rounding_keys;  // 0-d int64 stochastic-rounding keys of bfloat16 parameters, or empty
 };
 
-inline void check_state(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& s,
-                        bool need_stats_source) {
+inline bool is_16_bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// Same device and shape as its parameter, and dtype `dtype`.
+inline void check_matches(const Tensor& t, const Tensor& param, at::ScalarType dtype, const char* name,
+                          size_t i) {
+  TORCH_CHECK(t.device() == param.device(), "alr: ", name, "[", i, "] is on ", t.device(),
+              " but its parameter is on ", param.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "alr: ", name, "[", i, "] has dtype ", t.scalar_type(), " but ",
+              dtype, " was expected");
+  TORCH_CHECK(t.sizes() == param.sizes(), "alr: ", name, "[", i, "] has shape ", t.sizes(),
+              " but its parameter has ", param.sizes());
+}
+
+// Checks every list against the parameters (of dtype `param_dtype`, one per bucket) and
+// returns the dtype of the state tensors: one for all of them, the parameters' own, float32
+// or bfloat16 (the parameters' when the algorithm keeps no state).
+inline at::ScalarType check_state(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
+                                  const State& s, bool need_stats_source) {
   const size_t n = params.size();
+  const at::ScalarType param_dtype = params[0].scalar_type();
   check_list(grads, n, "grads");
   check_list(steps, n, "steps");
   std::vector<std::pair<TensorList, const char*>> lists;
@@ -150,12 +159,38 @@ inline void check_state(const Hyper& h, TensorList params, TensorList grads, Ten
   for (const auto& [list, name] : lists) {
     check_list(list, n, name);
   }
+  const at::ScalarType state_dtype = lists.empty() ? param_dtype : lists[0].first[0].scalar_type();
+  TORCH_CHECK(state_dtype == param_dtype || state_dtype == at::kFloat || state_dtype == at::kBFloat16,
+              "alr: state tensors must have the parameters' dtype (", param_dtype, "), float32 or bfloat16, got ",
+              state_dtype);
+  const bool master = !s.master_params.empty();
+  const bool stochastic = !s.rounding_keys.empty();
+  if (master) {
+    check_list(s.master_params, n, "master_params");
+    TORCH_CHECK(is_16_bit(param_dtype), "alr: master_params are kept for bfloat16 and float16 parameters, not ",
+                param_dtype);
+  }
+  if (stochastic) {
+    check_list(s.rounding_keys, n, "rounding_keys");
+    TORCH_CHECK(param_dtype == at::kBFloat16 && !master,
+                "alr: rounding_keys round bfloat16 parameters without master_params (parameters are ", param_dtype,
+                master ? ", with master_params)" : ")");
+  }
   for (const auto i : c10::irange(n)) {
-    check_matches(grads[i], params[i], "grads", i);
+    check_matches(grads[i], params[i], param_dtype, "grads", i);
     for (const auto& [list, name] : lists) {
-      check_matches(list[i], params[i], name, i);
+      check_matches(list[i], params[i], state_dtype, name, i);
+    }
+    if (master) {
+      check_matches(s.master_params[i], params[i], at::kFloat, "master_params", i);
+    }
+    if (stochastic) {
+      const Tensor& key = s.rounding_keys[i];
+      TORCH_CHECK(key.device() == params[i].device() && key.numel() == 1 && key.scalar_type() == at::kLong,
+                  "alr: rounding_keys[", i, "] must be a one-element int64 tensor on ", params[i].device());
     }
   }
+  return state_dtype;
 }
 
 }  // namespace ops

@@ -38,23 +38,28 @@ TORCH_LIBRARY(alr, m) {
   m.def("grad_stats(Tensor[] grads, Tensor? grad_scale) -> Tensor");
 
   // Per-tensor [n, 3] float32 hypergradient statistics g·d_prev, g·g, d_prev·d_prev of the
-  // state before any update (read-only pre-pass of hypergrad_exact).
+  // state before any update (read-only pre-pass of hypergrad_exact). The state lists share
+  // one dtype: the parameters', float32 or bfloat16 (state_dtype). master_params: float32
+  // master copies of 16-bit parameters, read instead of them, or empty.
   m.def(
       "hypergrad_stats(Tensor[] params, Tensor[] grads, Tensor[] steps, Tensor[] exp_avgs, "
       "Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, Tensor[] momentum_buffers, "
-      "Tensor[] prev_directions, Tensor? grad_scale, Tensor? clip_coef, *, " ALR_HYPER_ARGS
-      ") -> Tensor");
+      "Tensor[] prev_directions, Tensor[] master_params, Tensor? grad_scale, Tensor? clip_coef, *, "
+      ALR_HYPER_ARGS ") -> Tensor");
 
   // One step over the bucket, in place: params, state and step counters (unless the 0-d
   // bool `skip` is true: then nothing is written). alphas: float64 [n] effective learning
   // rates. Returns the [n, 3] statistics of hypergrad_stats taken before the update when
   // collect_stats, else an empty [0, 3] tensor. State lists the algorithm does not use
-  // may be empty.
+  // may be empty. With master_params, the master copies are updated and the parameters
+  // receive their images rounded to nearest; with rounding_keys (0-d int64, bfloat16
+  // parameters without masters), the parameters are rounded stochastically from the
+  // stream of (key, step, element offset) of alr/reference.py. Either list may be empty.
   m.def(
       "update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] momentum_buffers, "
-      "Tensor(g!)[] prev_directions, Tensor alphas, Tensor? grad_scale, Tensor? clip_coef, "
-      "Tensor? skip, *, " ALR_HYPER_ARGS ", bool collect_stats) -> Tensor");
+      "Tensor(g!)[] prev_directions, Tensor(h!)[] master_params, Tensor[] rounding_keys, Tensor alphas, "
+      "Tensor? grad_scale, Tensor? clip_coef, Tensor? skip, *, " ALR_HYPER_ARGS ", bool collect_stats) -> Tensor");
 
   // Debugging and benchmarking: the instruction set of the CPU kernels ("default", "avx2",
   // "avx512"); a non-empty `requested` switches to it (an error if this CPU lacks it).
