@@ -1,4 +1,6 @@
-// The Adam/AdamW kernel: one block per chunk (apply.cuh), the element math of alr_math.h.
+// The Adam/AdamW kernel: one block per chunk (apply.cuh), the element math of alr_math.h,
+// templated on the parameter storage, the state storage and the parameter write (launch.h's
+// Variant; apply.cuh lists those with kernels) and on the mode.
 //
 // Per-tensor scalars are computed by the block's first thread, in double, from the step
 // counter before this update and the effective learning rate, then rounded to float:
@@ -14,7 +16,10 @@ namespace cuda {
 namespace {
 
 using Table = TableFor<adam_rows::kCount>::type;
-constexpr int kStreams = adam_rows::kStep;  // the data rows; the step row is a scalar
+constexpr int kStreams = adam_rows::kMasterOrKey;  // the data rows of the element loop
+constexpr int kState = kStreams - 2;               // exp_avg, exp_avg_sq, max_exp_avg_sq
+static_assert(adam_rows::kParam == 0 && adam_rows::kGrad == 1 && adam_rows::kExpAvg == 2,
+              "apply.cuh's step_streams reads the rows as parameter, gradient, state, master");
 
 struct AdamArgs {
   Table table;
@@ -50,7 +55,8 @@ __device__ TensorScalars tensor_scalars(const AdamHyper& h, double step_before, 
   return s;
 }
 
-// One element: x = {param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq} in float.
+// One element: x = {param (or its master copy), grad, exp_avg, exp_avg_sq, max_exp_avg_sq}
+// in float.
 template <Mode kMode>
 struct AdamOp {
   static constexpr bool kWrite = kMode != Mode::kStatsOnly;
@@ -86,7 +92,7 @@ struct AdamOp {
   }
 };
 
-template <typename S, Mode kMode>
+template <typename S, typename Q, ParamWrite kWrite, Mode kMode>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) adam_kernel(const __grid_constant__ AdamArgs args) {
   using Op = AdamOp<kMode>;
   constexpr int kSlots = 3;
@@ -98,11 +104,15 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) adam_kernel(co
     return;  // a skipped update: the whole block leaves before any barrier
   }
   __shared__ TensorScalars shared;
+  __shared__ uint32_t shared_rounding_stream;
   if (threadIdx.x == 0) {
     const double* alphas = args.scalars.alphas;
     const double alpha = alphas != nullptr ? alphas[t.index[chunk.slot]] : 0.0;
     const double step = load_step(t.ptrs[adam_rows::kStep][chunk.slot], h.grad.steps_double);
     shared = tensor_scalars(h, step, alpha);
+    if constexpr (kWrite == ParamWrite::kStochastic) {
+      shared_rounding_stream = load_rounding_stream(t.ptrs[adam_rows::kMasterOrKey][chunk.slot], step);
+    }
   }
   __syncthreads();
   const TensorScalars ts = shared;
@@ -120,19 +130,16 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) adam_kernel(co
   op.prev_eps = ts.prev_eps;
   op.amsgrad = h.amsgrad;
 
-  S* ptr[kStreams];
-  for (int r = 0; r < kStreams; ++r) {
-    void* base = t.ptrs[r][chunk.slot];
-    ptr[r] = base != nullptr ? static_cast<S*>(base) + chunk.begin : nullptr;
-  }
+  const uint32_t rounding_stream = kWrite == ParamWrite::kStochastic ? shared_rounding_stream : 0u;
+  const auto streams = step_streams<S, Q, kWrite, kState>(t, chunk, rounding_stream);
   float acc[kSlots] = {0.0f, 0.0f, 0.0f};
-  apply_chunk(ptr, adam_rows::kGrad, chunk.len, write, op, acc);
+  apply_chunk(streams, chunk.len, write, op, acc);
   if constexpr (Op::kStats) {
     store_partials(acc, args.scalars.partials, chunk.row);
   }
 }
 
-template <typename S, Mode kMode>
+template <typename S, typename Q, ParamWrite kWrite, Mode kMode>
 void launch(const int64_t* numels, int64_t n, void* const* ptrs, const AdamHyper& hyper,
             const DeviceScalars& scalars, cudaStream_t stream) {
   AdamArgs args;
@@ -144,7 +151,7 @@ void launch(const int64_t* numels, int64_t n, void* const* ptrs, const AdamHyper
     }
   };
   auto run = [&](int blocks) {
-    adam_kernel<S, kMode><<<blocks, kBlockThreads, 0, stream>>>(args);
+    adam_kernel<S, Q, kWrite, kMode><<<blocks, kBlockThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   pack_launches(numels, n, kChunkSize, args.table, set_slot, run);
@@ -152,10 +159,11 @@ void launch(const int64_t* numels, int64_t n, void* const* ptrs, const AdamHyper
 
 }  // namespace
 
-void launch_adam(Dtype dtype, Mode mode, const int64_t* numels, int64_t n, void* const* ptrs,
+void launch_adam(const Variant& variant, Mode mode, const int64_t* numels, int64_t n, void* const* ptrs,
                  const AdamHyper& hyper, const DeviceScalars& scalars, cudaStream_t stream) {
-  dispatch(dtype, mode, [&](auto storage, auto mode_tag) {
-    launch<typename decltype(storage)::type, decltype(mode_tag)::value>(numels, n, ptrs, hyper, scalars, stream);
+  dispatch(variant, mode, [&](auto param, auto state, auto write, auto mode_tag) {
+    launch<typename decltype(param)::type, typename decltype(state)::type, decltype(write)::value,
+           decltype(mode_tag)::value>(numels, n, ptrs, hyper, scalars, stream);
   });
 }
 

@@ -2,11 +2,13 @@
 // which know CUDA): raw pointers, element counts and the hyper-parameters of a call.
 //
 // Nothing here is read on the host from device memory. The per-tensor scalars (bias
-// corrections, -α/bc1, the SGD dampening weight) are computed by the kernels from the step
-// counters and effective learning rates, and the GradScaler's scale, the clip coefficient
-// and the skip flag are read by the kernels through DeviceScalars.
+// corrections, -α/bc1, the SGD dampening weight, the stochastic-rounding stream) are
+// computed by the kernels from the step counters, effective learning rates and rounding
+// keys, and the GradScaler's scale, the clip coefficient and the skip flag are read by the
+// kernels through DeviceScalars.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime_api.h>
@@ -16,17 +18,72 @@ namespace cuda {
 
 enum class Dtype : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
+// How the kernels write the new parameter value p (float): rounded to nearest even; into the
+// float32 master copy, which they also read instead of the parameter, and its image rounded
+// to nearest into the parameter; or rounded stochastically to bfloat16 (alr_math.h's
+// float_to_bf16_stochastic, with the stream of the tensor's rounding key and step).
+enum class ParamWrite : int { kNearest = 0, kMaster = 1, kStochastic = 2 };
+
+// The storage of a call: the parameters' dtype (the gradients have it too), the dtype of
+// every state tensor and the parameter write.
+struct Variant {
+  Dtype param;
+  Dtype state;
+  ParamWrite write;
+};
+
+constexpr bool operator==(const Variant& a, const Variant& b) {
+  return a.param == b.param && a.state == b.state && a.write == b.write;
+}
+
+// The combinations with step kernels, as the CPU backend's: every one the optimizer's
+// options produce (state_dtype is float32 or bfloat16, so float16 masters always come with
+// another state dtype). torch.optim's own first (state in the parameters' dtype, rounded to
+// nearest); then float32 parameters with bfloat16 state, bfloat16 ones with float32 state,
+// master copies or stochastic rounding, and float16 ones with another state dtype, with or
+// without master copies. Each has a kernel per Mode, except that stochastic rounding has
+// none for Mode::kStatsOnly (which writes nothing; its op takes no rounding keys).
+inline constexpr Variant kVariants[] = {
+    {Dtype::kFloat, Dtype::kFloat, ParamWrite::kNearest},
+    {Dtype::kBFloat16, Dtype::kBFloat16, ParamWrite::kNearest},
+    {Dtype::kHalf, Dtype::kHalf, ParamWrite::kNearest},
+    {Dtype::kFloat, Dtype::kBFloat16, ParamWrite::kNearest},
+    {Dtype::kBFloat16, Dtype::kFloat, ParamWrite::kNearest},
+    {Dtype::kBFloat16, Dtype::kBFloat16, ParamWrite::kMaster},
+    {Dtype::kBFloat16, Dtype::kFloat, ParamWrite::kMaster},
+    {Dtype::kBFloat16, Dtype::kBFloat16, ParamWrite::kStochastic},
+    {Dtype::kBFloat16, Dtype::kFloat, ParamWrite::kStochastic},
+    {Dtype::kHalf, Dtype::kFloat, ParamWrite::kNearest},
+    {Dtype::kHalf, Dtype::kBFloat16, ParamWrite::kNearest},
+    {Dtype::kHalf, Dtype::kFloat, ParamWrite::kMaster},
+    {Dtype::kHalf, Dtype::kBFloat16, ParamWrite::kMaster},
+};
+inline constexpr size_t kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
+
+constexpr bool has_kernels(const Variant& variant) {
+  for (const Variant& v : kVariants) {
+    if (v == variant) {
+      return true;
+    }
+  }
+  return false;
+}
+
 // Update in place; update and gather the hypergradient statistics of the state before the
 // update; or only gather them (read-only). As alr::cpu::Mode.
 enum class Mode : int { kUpdate = 0, kUpdateStats = 1, kStatsOnly = 2 };
 
-// Pointer rows of a tensor, in the order of the TensorTable rows (multi_tensor.h). Row
-// kGrad is read-only; the step row points at a 0-d float32 or float64 counter.
+// Pointer rows of a tensor, in the order of the TensorTable rows (multi_tensor.h): the
+// parameter, the gradient (read-only) and the state tensors (the data streams of the
+// element loop, in this order), then row kMasterOrKey and the step row, which points at a
+// 0-d float32 or float64 counter. Row kMasterOrKey holds the float32 master copy (a data
+// stream laid out like the parameter) under ParamWrite::kMaster, the 0-d int64 rounding key
+// under kStochastic, else nullptr: the two options exclude each other, so they share a row.
 namespace adam_rows {
-enum : int { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kStep, kCount };
+enum : int { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kMasterOrKey, kStep, kCount };
 }
 namespace sgd_rows {
-enum : int { kParam = 0, kGrad, kMomentumBuffer, kPrevDirection, kStep, kCount };
+enum : int { kParam = 0, kGrad, kMomentumBuffer, kPrevDirection, kMasterOrKey, kStep, kCount };
 }
 
 // Device scalars of a call (nullptr: absent). All live on the call's device.
@@ -70,9 +127,10 @@ struct SgdHyper {
 // One call over n tensors: numels [n]; ptrs [n][rows] (row-major, rows = adam_rows::kCount
 // or sgd_rows::kCount; a tensor's unused rows are nullptr). Statistics rows are laid out
 // as multi_tensor.h describes; the total is num_chunks summed over the tensors.
-void launch_adam(Dtype dtype, Mode mode, const int64_t* numels, int64_t n, void* const* ptrs,
+// Mode::kStatsOnly reads the parameter (or its master) and never takes kStochastic.
+void launch_adam(const Variant& variant, Mode mode, const int64_t* numels, int64_t n, void* const* ptrs,
                  const AdamHyper& hyper, const DeviceScalars& scalars, cudaStream_t stream);
-void launch_sgd(Dtype dtype, Mode mode, const int64_t* numels, int64_t n, void* const* ptrs,
+void launch_sgd(const Variant& variant, Mode mode, const int64_t* numels, int64_t n, void* const* ptrs,
                 const SgdHyper& hyper, const DeviceScalars& scalars, cudaStream_t stream);
 // {Σ (g/S)², number of non-finite elements} per chunk into scalars.partials ([chunks, 2]).
 void launch_grad_stats(Dtype dtype, const int64_t* numels, int64_t n, const void* const* grads,

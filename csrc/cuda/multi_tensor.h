@@ -49,8 +49,9 @@ inline int64_t num_chunks(int64_t numel, int64_t chunk) {
 }
 
 // The metadata of one launch. ptrs[r][slot] is the pointer of row r (a data stream such as
-// the parameter or the gradient, or the step counter) of the tensor in `slot`; rows a call
-// does not use hold nullptr.
+// the parameter, the gradient or a master copy, or a scalar such as the step counter or the
+// rounding key) of the tensor in `slot`; rows a call does not use hold nullptr. The step
+// kernels' tables (7 rows for Adam, 6 for SGD: launch.h) hold 28 and 32 tensors.
 template <int kRows, int kMaxTensors_, int kMaxBlocks_>
 struct TensorTable {
   static constexpr int kMaxTensors = kMaxTensors_;

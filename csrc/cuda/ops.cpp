@@ -11,6 +11,12 @@
 // Statistics are per-chunk partials (float64 [chunks, width]) summed per tensor in chunk
 // order by a second kernel: the [n, width] float32 result is deterministic.
 //
+// Low precision: the state tensors share one dtype (the parameters', float32 or bfloat16);
+// float32 master copies are read instead of the parameters and receive the new values,
+// the parameters their images rounded to nearest; without masters, bfloat16 parameters may
+// be rounded stochastically, the kernels reading each tensor's 0-d int64 rounding key on
+// the device like the step counters.
+//
 // Layouts, as on the CPU: a tensor runs as flat memory when it is dense and its gradient
 // and state have its layout (strides of size-1 dimensions ignored); otherwise the
 // mismatching tensors are staged through device temporaries in the parameter's layout
@@ -165,6 +171,18 @@ Tensor sum_partials(const Tensor& partials, const std::vector<int64_t>& numels, 
   return out;
 }
 
+// The kernels' variant for a bucket (launch.h): the parameters' and the state's dtypes, and
+// how the parameters are written (into masters, stochastically or to nearest).
+Variant variant_of(at::ScalarType param_dtype, at::ScalarType state_dtype, const State& st) {
+  const ParamWrite write = !st.master_params.empty()   ? ParamWrite::kMaster
+                           : !st.rounding_keys.empty() ? ParamWrite::kStochastic
+                                                       : ParamWrite::kNearest;
+  const Variant variant{dtype_of(param_dtype), dtype_of(state_dtype), write};
+  TORCH_CHECK(has_kernels(variant), "alr: the cuda backend has no kernel for ", param_dtype, " parameters with ",
+              state_dtype, " state");
+  return variant;
+}
+
 // The pointer rows of every tensor for one kernel call, with the staged temporaries.
 struct Call {
   std::vector<int64_t> numels;
@@ -176,14 +194,21 @@ struct Call {
 
 static_assert(adam_rows::kStep == adam_rows::kCount - 1 && sgd_rows::kStep == sgd_rows::kCount - 1,
               "fill_rows puts the step counter in the last row");
+static_assert(adam_rows::kMasterOrKey == adam_rows::kCount - 2 && sgd_rows::kMasterOrKey == sgd_rows::kCount - 2,
+              "fill_rows puts the rounding key in the row before the step counter's");
 
 // The rows of tensor i: the parameter (or its staged reference) first, then `others` in
-// row order, each staged to the reference's layout when needed; undefined tensors (state
-// the call does not use) leave their row null.
+// row order (ending with the master copy), each staged to the reference's layout when
+// needed; undefined tensors (state the call does not use) leave their row null. The
+// rounding key, when given, takes the master's row (the two exclude each other).
 void fill_rows(Call& call, int64_t i, int rows, const Tensor& param, bool write,
-               std::initializer_list<std::pair<const Tensor*, bool>> others, const Tensor& step) {
+               std::initializer_list<std::pair<const Tensor*, bool>> others, const Tensor* rounding_key,
+               const Tensor& step) {
   void** row = call.ptrs.data() + i * rows;
   row[rows - 1] = step.data_ptr();
+  if (rounding_key != nullptr) {
+    row[rows - 2] = const_cast<void*>(rounding_key->const_data_ptr());
+  }
   call.numels[i] = param.numel();
   if (param.numel() == 0) {
     return;
@@ -202,8 +227,8 @@ void fill_rows(Call& call, int64_t i, int rows, const Tensor& param, bool write,
 const Tensor* entry(TensorList list, bool used, int64_t i) { return used ? &list[i] : nullptr; }
 
 // Runs `mode` over the bucket; returns the [n, 3] statistics (undefined for Mode::kUpdate).
-Tensor step_call(const Hyper& h, Dtype d, TensorList params, TensorList grads, TensorList steps, const State& st,
-                 DeviceScalars scalars, Mode mode) {
+Tensor step_call(const Hyper& h, const Variant& variant, TensorList params, TensorList grads, TensorList steps,
+                 const State& st, DeviceScalars scalars, Mode mode) {
   const int64_t n = static_cast<int64_t>(params.size());
   const bool write = mode != Mode::kStatsOnly;
   const bool stats = mode != Mode::kUpdate;
@@ -213,20 +238,25 @@ Tensor step_call(const Hyper& h, Dtype d, TensorList params, TensorList grads, T
   // SGD's momentum buffer row: the buffer itself, or (statistics only, heavy-ball momentum)
   // the source of d_{t-1}.
   const bool read_buffer = write ? h.momentum != 0 : !h.needs_prev_direction;
+  const bool master = variant.write == ParamWrite::kMaster;
+  const bool stochastic = variant.write == ParamWrite::kStochastic;
   for (const auto i : c10::irange(n)) {
+    const Tensor* rounding_key = entry(st.rounding_keys, stochastic, i);
     if (h.adam) {
       fill_rows(call, i, rows, params[i], write,
                 {{&grads[i], false},
                  {&st.exp_avgs[i], true},
                  {&st.exp_avg_sqs[i], true},
-                 {entry(st.max_exp_avg_sqs, h.amsgrad, i), true}},
-                steps[i]);
+                 {entry(st.max_exp_avg_sqs, h.amsgrad, i), true},
+                 {entry(st.master_params, master, i), true}},
+                rounding_key, steps[i]);
     } else {
       fill_rows(call, i, rows, params[i], write,
                 {{&grads[i], false},
                  {entry(st.momentum_buffers, read_buffer, i), true},
-                 {entry(st.prev_directions, h.needs_prev_direction, i), true}},
-                steps[i]);
+                 {entry(st.prev_directions, h.needs_prev_direction, i), true},
+                 {entry(st.master_params, master, i), true}},
+                rounding_key, steps[i]);
     }
   }
   Tensor partials;
@@ -236,9 +266,10 @@ Tensor step_call(const Hyper& h, Dtype d, TensorList params, TensorList grads, T
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (h.adam) {
-    launch_adam(d, mode, call.numels.data(), n, call.ptrs.data(), adam_hyper(h, steps_double), scalars, stream);
+    launch_adam(variant, mode, call.numels.data(), n, call.ptrs.data(), adam_hyper(h, steps_double), scalars,
+                stream);
   } else {
-    launch_sgd(d, mode, call.numels.data(), n, call.ptrs.data(), sgd_hyper(h, steps_double), scalars, stream);
+    launch_sgd(variant, mode, call.numels.data(), n, call.ptrs.data(), sgd_hyper(h, steps_double), scalars, stream);
   }
   call.staging.finish();
   return stats ? sum_partials(partials, call.numels, kHypergradStats, false) : Tensor();
@@ -281,44 +312,47 @@ Tensor grad_stats_cuda(TensorList grads, const std::optional<Tensor>& grad_scale
 
 Tensor hypergrad_stats_cuda(TensorList params, TensorList grads, TensorList steps, TensorList exp_avgs,
                             TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList momentum_buffers,
-                            TensorList prev_directions, const std::optional<Tensor>& grad_scale,
-                            const std::optional<Tensor>& clip_coef, c10::string_view algorithm, double beta1,
-                            double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-                            bool amsgrad, bool maximize, double momentum, double dampening, bool nesterov,
-                            bool needs_prev_direction) {
+                            TensorList prev_directions, TensorList master_params,
+                            const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip_coef,
+                            c10::string_view algorithm, double beta1, double beta2, double eps, double weight_decay,
+                            bool decoupled_weight_decay, bool amsgrad, bool maximize, double momentum,
+                            double dampening, bool nesterov, bool needs_prev_direction) {
   const Hyper h = make_hyper(algorithm, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
                              momentum, dampening, nesterov, needs_prev_direction);
-  const Dtype d = check_params(params, "params");
+  check_params(params, "params");
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const State st{exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions};
-  check_state(h, params, grads, steps, st, /*need_stats_source=*/true);
+  const State st{exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions, master_params, {}};
+  const at::ScalarType state_dtype = check_state(h, params, grads, steps, st, /*need_stats_source=*/true);
+  const Variant variant = variant_of(params[0].scalar_type(), state_dtype, st);
   const auto scale = device_scalar(grad_scale, device, at::kFloat, "grad_scale");
   const auto clip = device_scalar(clip_coef, device, at::kFloat, "clip_coef");
   DeviceScalars scalars{};
   scalars.grad_scale = data_or_null<float>(scale);
   scalars.clip_coef = data_or_null<float>(clip);
-  return step_call(h, d, params, grads, steps, st, scalars, Mode::kStatsOnly);
+  return step_call(h, variant, params, grads, steps, st, scalars, Mode::kStatsOnly);
 }
 
 Tensor update_cuda(TensorList params, TensorList grads, TensorList steps, TensorList exp_avgs, TensorList exp_avg_sqs,
                    TensorList max_exp_avg_sqs, TensorList momentum_buffers, TensorList prev_directions,
-                   const Tensor& alphas, const std::optional<Tensor>& grad_scale,
-                   const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip,
-                   c10::string_view algorithm, double beta1, double beta2, double eps, double weight_decay,
-                   bool decoupled_weight_decay, bool amsgrad, bool maximize, double momentum, double dampening,
-                   bool nesterov, bool needs_prev_direction, bool collect_stats) {
+                   TensorList master_params, TensorList rounding_keys, const Tensor& alphas,
+                   const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip_coef,
+                   const std::optional<Tensor>& skip, c10::string_view algorithm, double beta1, double beta2,
+                   double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                   double momentum, double dampening, bool nesterov, bool needs_prev_direction, bool collect_stats) {
   const int64_t n = static_cast<int64_t>(params.size());
   if (n == 0) {
     return at::zeros({0, kHypergradStats}, alphas.options().dtype(at::kFloat));
   }
   const Hyper h = make_hyper(algorithm, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
                              momentum, dampening, nesterov, needs_prev_direction);
-  const Dtype d = check_params(params, "params");
+  check_params(params, "params");
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const State st{exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions};
-  check_state(h, params, grads, steps, st, collect_stats);
+  const State st{exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions, master_params,
+                 rounding_keys};
+  const at::ScalarType state_dtype = check_state(h, params, grads, steps, st, collect_stats);
+  const Variant variant = variant_of(params[0].scalar_type(), state_dtype, st);
   TORCH_CHECK(alphas.device() == device && alphas.numel() == n, "alr: alphas must be a tensor of ", n,
               " elements on ", device, ", got ", alphas.numel(), " on ", alphas.device());
   const Tensor alphas64 = alphas.to(at::kDouble).contiguous();
@@ -331,7 +365,7 @@ Tensor update_cuda(TensorList params, TensorList grads, TensorList steps, Tensor
   scalars.clip_coef = data_or_null<float>(clip);
   scalars.skip = data_or_null<bool>(skip_flag);
   const Mode mode = collect_stats ? Mode::kUpdateStats : Mode::kUpdate;
-  Tensor stats = step_call(h, d, params, grads, steps, st, scalars, mode);
+  Tensor stats = step_call(h, variant, params, grads, steps, st, scalars, mode);
   increment_steps(steps, scalars.skip);
   return collect_stats ? stats : at::empty({0, kHypergradStats}, alphas.options().dtype(at::kFloat));
 }

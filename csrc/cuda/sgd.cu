@@ -1,5 +1,6 @@
 // The SGD kernel (plain, heavy-ball or Nesterov momentum): one block per chunk (apply.cuh),
-// the element math of alr_math.h, the per-tensor scalars computed as in adam.cu.
+// the element math of alr_math.h, the per-tensor scalars computed as in adam.cu; templated
+// like the Adam kernel on the storage variant and the mode.
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda/apply.cuh"
@@ -10,7 +11,10 @@ namespace cuda {
 namespace {
 
 using Table = TableFor<sgd_rows::kCount>::type;
-constexpr int kStreams = sgd_rows::kStep;  // the data rows; the step row is a scalar
+constexpr int kStreams = sgd_rows::kMasterOrKey;  // the data rows of the element loop
+constexpr int kState = kStreams - 2;              // momentum_buffer, prev_direction
+static_assert(sgd_rows::kParam == 0 && sgd_rows::kGrad == 1 && sgd_rows::kMomentumBuffer == 2,
+              "apply.cuh's step_streams reads the rows as parameter, gradient, state, master");
 
 struct SgdArgs {
   Table table;
@@ -34,8 +38,9 @@ __device__ TensorScalars tensor_scalars(const SgdHyper& h, double step_before, d
   return s;
 }
 
-// One element: x = {param, grad, momentum_buffer, prev_direction} in float. d_{t-1} is the
-// previous direction when it is stored, else the momentum buffer before the update.
+// One element: x = {param (or its master copy), grad, momentum_buffer, prev_direction} in
+// float. d_{t-1} is the previous direction when it is stored, else the momentum buffer
+// before the update.
 template <Mode kMode>
 struct SgdOp {
   static constexpr bool kWrite = kMode != Mode::kStatsOnly;
@@ -66,7 +71,7 @@ struct SgdOp {
   }
 };
 
-template <typename S, Mode kMode>
+template <typename S, typename Q, ParamWrite kWrite, Mode kMode>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) sgd_kernel(const __grid_constant__ SgdArgs args) {
   using Op = SgdOp<kMode>;
   constexpr int kSlots = 3;
@@ -78,11 +83,15 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) sgd_kernel(con
     return;  // a skipped update: the whole block leaves before any barrier
   }
   __shared__ TensorScalars shared;
+  __shared__ uint32_t shared_rounding_stream;
   if (threadIdx.x == 0) {
     const double* alphas = args.scalars.alphas;
     const double alpha = alphas != nullptr ? alphas[t.index[chunk.slot]] : 0.0;
     const double step = load_step(t.ptrs[sgd_rows::kStep][chunk.slot], h.grad.steps_double);
     shared = tensor_scalars(h, step, alpha);
+    if constexpr (kWrite == ParamWrite::kStochastic) {
+      shared_rounding_stream = load_rounding_stream(t.ptrs[sgd_rows::kMasterOrKey][chunk.slot], step);
+    }
   }
   __syncthreads();
   const TensorScalars ts = shared;
@@ -96,19 +105,16 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) sgd_kernel(con
   op.has_momentum = h.has_momentum;
   op.store_prev = h.store_prev;
 
-  S* ptr[kStreams];
-  for (int r = 0; r < kStreams; ++r) {
-    void* base = t.ptrs[r][chunk.slot];
-    ptr[r] = base != nullptr ? static_cast<S*>(base) + chunk.begin : nullptr;
-  }
+  const uint32_t rounding_stream = kWrite == ParamWrite::kStochastic ? shared_rounding_stream : 0u;
+  const auto streams = step_streams<S, Q, kWrite, kState>(t, chunk, rounding_stream);
   float acc[kSlots] = {0.0f, 0.0f, 0.0f};
-  apply_chunk(ptr, sgd_rows::kGrad, chunk.len, write, op, acc);
+  apply_chunk(streams, chunk.len, write, op, acc);
   if constexpr (Op::kStats) {
     store_partials(acc, args.scalars.partials, chunk.row);
   }
 }
 
-template <typename S, Mode kMode>
+template <typename S, typename Q, ParamWrite kWrite, Mode kMode>
 void launch(const int64_t* numels, int64_t n, void* const* ptrs, const SgdHyper& hyper,
             const DeviceScalars& scalars, cudaStream_t stream) {
   SgdArgs args;
@@ -120,7 +126,7 @@ void launch(const int64_t* numels, int64_t n, void* const* ptrs, const SgdHyper&
     }
   };
   auto run = [&](int blocks) {
-    sgd_kernel<S, kMode><<<blocks, kBlockThreads, 0, stream>>>(args);
+    sgd_kernel<S, Q, kWrite, kMode><<<blocks, kBlockThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   pack_launches(numels, n, kChunkSize, args.table, set_slot, run);
@@ -128,10 +134,11 @@ void launch(const int64_t* numels, int64_t n, void* const* ptrs, const SgdHyper&
 
 }  // namespace
 
-void launch_sgd(Dtype dtype, Mode mode, const int64_t* numels, int64_t n, void* const* ptrs,
+void launch_sgd(const Variant& variant, Mode mode, const int64_t* numels, int64_t n, void* const* ptrs,
                 const SgdHyper& hyper, const DeviceScalars& scalars, cudaStream_t stream) {
-  dispatch(dtype, mode, [&](auto storage, auto mode_tag) {
-    launch<typename decltype(storage)::type, decltype(mode_tag)::value>(numels, n, ptrs, hyper, scalars, stream);
+  dispatch(variant, mode, [&](auto param, auto state, auto write, auto mode_tag) {
+    launch<typename decltype(param)::type, typename decltype(state)::type, decltype(write)::value,
+           decltype(mode_tag)::value>(numels, n, ptrs, hyper, scalars, stream);
   });
 }
 

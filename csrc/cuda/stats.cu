@@ -25,8 +25,8 @@ struct GradStatsOp {
   float scale;
   bool has_scale;
 
-  __device__ __forceinline__ void operator()(float (&x)[1], float (&acc)[2]) const {
-    const float g = has_scale ? x[0] / scale : x[0];
+  __device__ __forceinline__ void operator()(float grad, float (&acc)[2]) const {
+    const float g = has_scale ? grad / scale : grad;
     acc[0] += g * g;
     acc[1] += (g - g == 0.0f) ? 0.0f : 1.0f;
   }
@@ -38,9 +38,9 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) grad_stats_ker
   GradStatsOp op;
   op.has_scale = args.scalars.grad_scale != nullptr;
   op.scale = op.has_scale ? *args.scalars.grad_scale : 1.0f;
-  S* ptr[1] = {static_cast<S*>(args.table.ptrs[0][chunk.slot]) + chunk.begin};
+  const S* grad = static_cast<const S*>(args.table.ptrs[0][chunk.slot]) + chunk.begin;
   float acc[2] = {0.0f, 0.0f};
-  apply_chunk(ptr, 0, chunk.len, /*write=*/false, op, acc);
+  reduce_chunk(grad, chunk.len, op, acc);
   store_partials(acc, args.scalars.partials, chunk.row);
 }
 
