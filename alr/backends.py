@@ -45,12 +45,9 @@ _DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPES = {"cuda": _GPU_DTYPES, "triton": _GPU_DTYPES}
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
-_LOW_PRECISION = ("reference", "cpu", "triton")
-"""Backends with kernels for master weights, stochastic rounding and a separate state dtype."""
-_LOW_PRECISION_NOTE = " with master_weights, stochastic_rounding or state_dtype"
 _ENV_VAR = "ALR_BACKEND"
 
-_warned_fallbacks: set[tuple[str, bool]] = set()
+_warned_fallbacks: set[str] = set()
 
 
 class ALRBackendFallbackWarning(UserWarning):
@@ -140,30 +137,19 @@ def check_device(name: str, device: torch.device, dtype: torch.dtype | None = No
         raise ValueError(f"backend={name!r} takes {names} parameters, but a parameter is {dtype}")
 
 
-def resolve(requested: str, device: torch.device, dtype: torch.dtype, low_precision: bool = False) -> ModuleType:
-    """The implementation module for one bucket of ``dtype`` tensors on ``device``;
-    ``low_precision``: the bucket keeps master weights, rounds stochastically or stores
-    its state in another dtype than the parameters'."""
+def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """The implementation module for one bucket of ``dtype`` tensors on ``device``."""
     name = default_backend() if requested == "auto" else requested
     if name != "auto":
         check_device(name, device, dtype)
         reason = backend_unavailable_reason(name)
         if reason is not None:
             raise RuntimeError(f"alr backend {name!r} is unavailable: {reason}")
-        if low_precision and name not in _LOW_PRECISION:
-            raise NotImplementedError(
-                f"alr backend {name!r} has no kernels for master_weights, stochastic_rounding or "
-                f"state_dtype yet; use one of {list(_LOW_PRECISION)} (or backend='auto')"
-            )
         return _module(name)
     for candidate in _AUTO_ORDER.get(device.type, ()):
-        if (
-            backend_unavailable_reason(candidate) is None
-            and dtype in _DTYPES.get(candidate, (dtype,))
-            and (candidate in _LOW_PRECISION or not low_precision)
-        ):
+        if backend_unavailable_reason(candidate) is None and dtype in _DTYPES.get(candidate, (dtype,)):
             return _module(candidate)
-    _warn_fallback(device, low_precision)
+    _warn_fallback(device)
     return reference
 
 
@@ -182,28 +168,16 @@ def _module(name: str) -> ModuleType:
     raise AssertionError(f"backend {name!r} reported available but has no module")
 
 
-def _warn_fallback(device: torch.device, low_precision: bool) -> None:
-    key = (device.type, low_precision)
-    if key in _warned_fallbacks or device.type not in _AUTO_ORDER:
+def _warn_fallback(device: torch.device) -> None:
+    if device.type in _warned_fallbacks or device.type not in _AUTO_ORDER:
         return
-    _warned_fallbacks.add(key)
-    reasons = "; ".join(
-        f"{name}: {_auto_skip_reason(name, low_precision)}" for name in _AUTO_ORDER[device.type]
-    )
+    _warned_fallbacks.add(device.type)
+    reasons = "; ".join(f"{name}: {backend_unavailable_reason(name)}" for name in _AUTO_ORDER[device.type])
     warnings.warn(
-        f"alr: no native backend for {device.type} tensors{_LOW_PRECISION_NOTE if low_precision else ''} "
-        f"({reasons}); using the "
-        "pure-PyTorch 'reference' backend",
+        f"alr: no native backend for {device.type} tensors ({reasons}); using the pure-PyTorch 'reference' backend",
         ALRBackendFallbackWarning,
         stacklevel=_caller_stacklevel(),
     )
-
-
-def _auto_skip_reason(name: str, low_precision: bool) -> str:
-    reason = backend_unavailable_reason(name)
-    if reason is None and low_precision and name not in _LOW_PRECISION:
-        reason = "no kernels for master_weights, stochastic_rounding or state_dtype yet"
-    return str(reason)
 
 
 def _caller_stacklevel() -> int:

@@ -167,12 +167,6 @@ class GroupHyper:
         )
 
     @property
-    def low_precision_options(self) -> bool:
-        """Whether a low-precision option (master weights, stochastic rounding, a state
-        dtype) is set; whether it changes anything depends on the parameter's dtype."""
-        return self.master_weights or self.stochastic_rounding or self.state_dtype is not None
-
-    @property
     def needs_prev_direction(self) -> bool:
         """SGD keeps ``d_{t-1}`` in an extra buffer unless it is the momentum buffer itself."""
         return self.adapts and self.algorithm == "sgd" and (self.momentum == 0 or self.nesterov)

@@ -70,9 +70,7 @@ def alr_step(
         reduction: how partial statistics become global when the elements are spread over
             ranks (see :mod:`alr.distributed`); None on one process.
     """
-    impls = {
-        id(b): backends.resolve(g.backend, b.device, b.dtype, _low_precision(b)) for g in groups for b in g.buckets
-    }
+    impls = {id(b): backends.resolve(g.backend, b.device, b.dtype) for g in groups for b in g.buckets}
     stats_device = grad_norm.device
     clip_coef, skip = None, None
     if max_grad_norm is not None or skip_nonfinite:
@@ -160,13 +158,6 @@ def _scoped(group: GroupWork, stats: list[Tensor]) -> Tensor:
     for bucket, s in zip(group.buckets, stats):
         scoped.index_copy_(0, bucket.position_index().to(kappa.device), s.to(kappa.device))
     return scoped
-
-
-def _low_precision(bucket: Bucket) -> bool:
-    """Whether the bucket keeps master weights, rounds stochastically, or stores state in
-    another dtype than its parameters' (not every backend has kernels for these)."""
-    state = bucket.exp_avgs or bucket.momentum_buffers or bucket.prev_directions
-    return bool(bucket.master_params or bucket.rounding_keys) or (bool(state) and state[0].dtype != bucket.dtype)
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:

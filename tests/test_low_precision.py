@@ -1,8 +1,7 @@
 """Low-precision options: ``master_weights``, ``stochastic_rounding`` and ``state_dtype``.
 
-The reference defines them (see its docstring); the native backends that have kernels for
-them must match it, those that do not must refuse them by name, and ``"auto"`` must then
-fall back to the reference.
+The reference defines them (see its docstring); every native backend must match it, and
+round stochastically bit for bit as it does.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import alr
-from alr import backends, reference
+from alr import reference
 from helpers import assert_bit_identical, assert_optimizer_state_close, snapshot
 from parity import assert_kappa_close, make_pair, run_parity, set_same_grads, typed_params
 
@@ -40,15 +39,8 @@ SHAPES = [(5, 3), (0,), (), (1500,), (40,)]
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_backends_match_the_reference_or_refuse_by_name(backend: str, device: torch.device, case) -> None:
+def test_backends_match_the_reference(backend: str, device: torch.device, case) -> None:
     dtype, options = case
-    if backend not in backends._LOW_PRECISION:
-        p = typed_params([(3,)], dtype, device=device)
-        opt = alr.ALROptimizer(p, backend=backend, **options)
-        set_same_grads([p], seed=0)
-        with pytest.raises(NotImplementedError, match=f"alr backend '{backend}' has no kernels for master_weights"):
-            opt.step()
-        return
     run_parity(backend, lambda: typed_params(SHAPES, dtype, device=device), options)
 
 
@@ -212,8 +204,6 @@ def test_state_dict_round_trip_continues_bit_identically(case: str) -> None:
 
 @pytest.mark.parametrize("case", ["adamw-bf16-master", "sgd-nesterov-bf16-stochastic"])
 def test_skipped_step_leaves_master_and_state_bit_identical(backend: str, device: torch.device, case: str) -> None:
-    if backend not in backends._LOW_PRECISION:
-        pytest.skip(f"{backend} has no low-precision kernels")
     dtype, options = CASES[case]
     ps, opt, qs, ref = make_pair(backend, lambda: typed_params(SHAPES, dtype, device=device), {**options, "skip_nonfinite": True})
     for step in range(4):
@@ -254,8 +244,6 @@ def test_stochastic_rounding_is_bit_identical_across_backends(backend: str, devi
     """The random stream is part of the algorithm: a backend rounds exactly the elements
     the reference rounds up (the tolerance of the parity tests would hide a backend that
     rounded to nearest instead; here 95% of the elements differ between the two)."""
-    if backend not in backends._LOW_PRECISION:
-        pytest.skip(f"{backend} has no low-precision kernels")
     options = CASES["adamw-bf16-stochastic"][1]
     make = lambda: typed_params([(1500,), (40,)], torch.bfloat16, device=device)  # noqa: E731
     ps, opt, qs, ref = make_pair(backend, make, options)

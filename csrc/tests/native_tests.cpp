@@ -779,12 +779,15 @@ void test_cuda_launch_packing() {
   check_packing<Small>(std::vector<int64_t>(100, 3), 4);
 
   // The production tables, with tensors of more than 2^31 elements (planned, never allocated).
-  using AdamTable = alr::cuda::TableFor<6>::type;
+  using AdamTable = alr::cuda::TableFor<7>::type;  // adam_rows::kCount (csrc/cuda/launch.h)
+  using SgdTable = alr::cuda::TableFor<6>::type;   // sgd_rows::kCount
   const int64_t big = (int64_t{1} << 31) + 7;
   check_packing<AdamTable>({big, 1024, 0, 3 * (int64_t{1} << 31) + 12345, 1}, alr::cuda::kChunkSize);
   check_packing<AdamTable>(std::vector<int64_t>(1000, 4096), alr::cuda::kChunkSize);
+  check_packing<SgdTable>(std::vector<int64_t>(1000, 4096), alr::cuda::kChunkSize);
   check_packing<alr::cuda::TableFor<1>::type>({70000, 1, 16384, 16385}, alr::cuda::kChunkSize);
-  CHECK(AdamTable::kMaxTensors >= 16, "Adam table holds %d tensors", AdamTable::kMaxTensors);
+  CHECK(AdamTable::kMaxTensors == 28 && SgdTable::kMaxTensors == 32, "Adam table holds %d tensors, SGD %d",
+        AdamTable::kMaxTensors, SgdTable::kMaxTensors);
 
   // The last chunk of a 2^31 + 7 element tensor starts past 2^31 and holds the 7 elements.
   AdamTable table;
