@@ -218,14 +218,22 @@ def test_skipped_step_leaves_master_and_state_bit_identical(backend: str, device
         assert_kappa_close(opt, ref)
 
 
-def test_fp16_with_grad_scaler_and_master_weights_trains() -> None:
+def test_fp16_with_grad_scaler_and_master_weights_trains_on_the_reference() -> None:
+    _train_fp16_with_grad_scaler("reference", torch.device("cpu"))
+
+
+def test_fp16_with_grad_scaler_and_master_weights_trains(backend: str, device: torch.device) -> None:
+    _train_fp16_with_grad_scaler(backend, device)
+
+
+def _train_fp16_with_grad_scaler(backend: str, device: torch.device) -> None:
     """fp16 parameters, GradScaler (scale handed to the step), master weights: the loss
     falls, and an overflowing step is skipped while the scaler backs off."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).half()
-    opt = alr.ALROptimizer(model.parameters(), lr=1e-2, master_weights=True, backend="reference")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    x, y = torch.randn(64, 16).half(), torch.randn(64, 1).half()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).to(device).half()
+    opt = alr.ALROptimizer(model.parameters(), lr=1e-2, master_weights=True, backend=backend)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10)
+    x, y = torch.randn(64, 16).to(device).half(), torch.randn(64, 1).to(device).half()
     losses = []
     for step in range(30):
         loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
