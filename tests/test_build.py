@@ -138,13 +138,14 @@ def test_cmake_developer_build_compiles() -> None:
     """CMakeLists.txt is used by nobody's pip install, so this keeps it from rotting.
 
     The build folder persists under build/ so that a re-run only checks it is up to date.
-    The native tests are built (and run) by the sanitizer test below.
+    The native tests are built (and run) by the sanitizer test below. A Debug build: what
+    is checked is the build description, and -O0 compiles the kernels 5x faster than -O3.
     """
     build_dir = ROOT / "build" / "cmake-test"
     python = f"-DPython_EXECUTABLE={sys.executable}"
     _run_all(
         [
-            ["cmake", "-S", ROOT, "-B", build_dir, "-G", "Ninja", python, "-DALR_BUILD_NATIVE_TESTS=OFF"],
+            ["cmake", "-S", ROOT, "-B", build_dir, "-G", "Ninja", python, "-DALR_BUILD_NATIVE_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Debug"],
             ["cmake", "--build", build_dir],
         ]
     )

@@ -6,7 +6,7 @@
 
 #include "cpu/kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(ALR_NO_AVX512_KERNELS)
 #define ALR_KERNEL_NS avx512
 #define ALR_KERNEL_ISA_NAME "avx512"
 #pragma GCC push_options
