@@ -52,6 +52,12 @@ def lr_for(options: dict) -> float:
     return LR["sgd" if options["algorithm"] == "sgd" else "adam"]
 
 
+def skip_unsupported_dtype(backend: str, dtype: torch.dtype) -> None:
+    """Skip the test for a dtype the backend does not take (the GPU backends: no float64)."""
+    if backend != "cpu" and dtype == torch.float64:
+        pytest.skip(f"the {backend} backend takes 16- and 32-bit parameters")
+
+
 def make_pair(backend: str, make_params, options: dict) -> tuple[list[Tensor], torch.optim.Optimizer, list[Tensor], torch.optim.Optimizer]:
     """The same parameters (layouts included) under ``backend`` and under the reference."""
     ps, qs = make_params(), make_params()

@@ -25,21 +25,17 @@ from parity import (
     make_pair,
     run_parity,
     set_same_grads,
+    skip_unsupported_dtype,
     typed_params,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _skip_unsupported(backend: str, dtype: torch.dtype) -> None:
-    if backend != "cpu" and dtype == torch.float64:
-        pytest.skip(f"the {backend} backend takes 16- and 32-bit parameters")
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("options", CONFIGS.values(), ids=CONFIGS.keys())
 def test_parity_every_option(backend: str, device: torch.device, options: dict, dtype: torch.dtype) -> None:
-    _skip_unsupported(backend, dtype)
+    skip_unsupported_dtype(backend, dtype)
     run_parity(backend, lambda: typed_params([*SHAPES, (40,)], dtype, device=device), options)
 
 
@@ -47,7 +43,7 @@ def test_parity_every_option(backend: str, device: torch.device, options: dict, 
 @pytest.mark.parametrize("config", ["adamw-mult-group", "sgd-nesterov-mult-clip-maximize"])
 def test_parity_with_grad_scaler(backend: str, device: torch.device, config: str, dtype: torch.dtype) -> None:
     """GradScaler hands its scale (and found_inf) to step(): unscaling happens in the kernel."""
-    _skip_unsupported(backend, dtype)
+    skip_unsupported_dtype(backend, dtype)
     scale = 2.0**9
     ps, opt, qs, ref = make_pair(backend, lambda: typed_params(SHAPES, dtype, device=device), CONFIGS[config])
     for step in range(STEPS):
@@ -95,7 +91,7 @@ def test_parity_grad_layout_differs_from_param(backend: str, device: torch.devic
 def test_nonfinite_step_is_skipped_bit_identically(
     backend: str, device: torch.device, config: str, dtype: torch.dtype
 ) -> None:
-    _skip_unsupported(backend, dtype)
+    skip_unsupported_dtype(backend, dtype)
     options = {**CONFIGS[config], "skip_nonfinite": True}
     ps, opt, qs, ref = make_pair(backend, lambda: typed_params([*SHAPES, (300,)], dtype, device=device), options)
     poisons = {2: (1, float("inf")), 4: (5, float("nan")), 5: (0, float("-inf"))}

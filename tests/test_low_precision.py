@@ -14,7 +14,7 @@ import torch
 import alr
 from alr import reference
 from helpers import assert_bit_identical, assert_optimizer_state_close, snapshot
-from parity import assert_kappa_close, make_pair, run_parity, set_same_grads, typed_params
+from parity import assert_kappa_close, make_pair, run_parity, set_same_grads, skip_unsupported_dtype, typed_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,8 +67,7 @@ def test_every_storage_combination_matches_the_reference(backend: str, device: t
     with a transposed parameter whose gradient is row-major (the backends stage it into the
     parameter's layout, where the stochastic-rounding index is the element's memory offset)."""
     dtype, state, write = combination
-    if backend != "cpu" and dtype == torch.float64:
-        pytest.skip(f"the {backend} backend takes 16- and 32-bit parameters")
+    skip_unsupported_dtype(backend, dtype)
     options = dict(
         algorithm="adamw", amsgrad=True, weight_decay=0.1, **HD
     ) if algorithm == "adamw-amsgrad" else dict(algorithm="sgd", momentum=0.9, nesterov=True, weight_decay=0.1, **HD)
