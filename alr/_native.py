@@ -20,12 +20,13 @@ import torch
 from torch import Tensor
 
 from . import _extension
-from .bucket import Bucket, GroupHyper
+from .algorithms import GroupHyper
+from .bucket import Bucket
+from .op_args import ELEMENTWISE_STREAMS, grad_stats_fake, hypergrad_stats_fake, tensor_lists, update_fake
 
 __all__ = ["grad_stats", "hypergrad_stats", "update", "ops_available"]
 
 _OPS = ("grad_stats", "hypergrad_stats", "update_")
-_STATS = torch.float32
 
 
 def ops_available(dispatch_key: str = "CPU") -> bool:
@@ -47,7 +48,7 @@ def hypergrad_stats(
 ) -> Tensor:
     """See :func:`alr.reference.hypergrad_stats`."""
     return _hypergrad_stats(
-        *bucket.tensor_lists(),
+        *tensor_lists(bucket, ELEMENTWISE_STREAMS),
         grad_scale,
         clip_coef,
         **hyper.kernel_kwargs(),
@@ -65,8 +66,7 @@ def update(
 ) -> Tensor | None:
     """See :func:`alr.reference.update`."""
     stats = _update(
-        *bucket.tensor_lists(),
-        bucket.rounding_keys,
+        *tensor_lists(bucket),
         alphas,
         grad_scale,
         clip_coef,
@@ -78,26 +78,10 @@ def update(
 
 
 def _register_fakes() -> None:
-    """Shape-only implementations for FakeTensor / meta tracing."""
-
-    def stats_like(tensors, width: int) -> Tensor:
-        if len(tensors) == 0:
-            return torch.empty((0, width), dtype=_STATS)
-        return tensors[0].new_empty((len(tensors), width), dtype=_STATS)
-
-    @torch.library.register_fake("alr::grad_stats")
-    def _grad_stats_fake(grads, grad_scale):
-        return stats_like(grads, 2)
-
-    @torch.library.register_fake("alr::hypergrad_stats")
-    def _hypergrad_stats_fake(params, *args, **kwargs):
-        return stats_like(params, 3)
-
-    @torch.library.register_fake("alr::update_")
-    def _update_fake(params, *args, collect_stats, **kwargs):
-        if collect_stats:
-            return stats_like(params, 3)
-        return params[0].new_empty((0, 3), dtype=_STATS) if len(params) else torch.empty((0, 3), dtype=_STATS)
+    """Shape-only implementations for FakeTensor / meta tracing (alr.op_args)."""
+    torch.library.register_fake("alr::grad_stats")(grad_stats_fake)
+    torch.library.register_fake("alr::hypergrad_stats")(hypergrad_stats_fake)
+    torch.library.register_fake("alr::update_")(update_fake)
 
 
 if _extension.load_cpu_extension() is not None and hasattr(torch.ops.alr, "update_"):

@@ -23,7 +23,9 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from .bucket import Bucket, GroupHyper, host_to_device, is_dense
+from .algorithms import ALGORITHMS, MASTER_PARAM, ROUNDING_KEY, Algorithm, GroupHyper
+from .bucket import Bucket, host_to_device, is_dense
+from .op_args import ELEMENTWISE_STREAMS, OP_STREAMS, grad_stats_fake, hypergrad_stats_fake, tensor_lists, update_fake
 from .reference import rounding_streams
 
 __all__ = ["DTYPES", "grad_stats", "hypergrad_stats", "interpreted", "update"]
@@ -159,35 +161,6 @@ def _staged(tensors: list[Tensor], strides: list[tuple[int, ...]], copies: list[
     return out
 
 
-# ------------------------------------------------------------------------ scalars
-
-
-def _adam_scalars(steps: list[Tensor], alphas: Tensor | None, opt: SimpleNamespace) -> Tensor:
-    """float32 ``[n, 5]`` (``ADAM_SCALARS``), computed as :mod:`alr.reference` does."""
-    before = torch.stack(steps).double()
-    step = before + 1
-    prev = before.clamp(min=1)
-    if alphas is None:
-        alphas = torch.zeros_like(step)
-    decay = 1 - alphas * opt.weight_decay if opt.decoupled_weight_decay else torch.ones_like(step)
-    columns = (
-        decay,
-        -alphas / (1 - opt.beta1**step),
-        (1 - opt.beta2**step).sqrt(),
-        1 - opt.beta1**prev,
-        (1 - opt.beta2**prev).sqrt(),
-    )
-    return torch.stack(columns, dim=1).float()
-
-
-def _sgd_scalars(steps: list[Tensor], alphas: Tensor | None, opt: SimpleNamespace) -> Tensor:
-    """float32 ``[n, 2]`` (``SGD_SCALARS``), computed as :mod:`alr.reference` does."""
-    first_step = torch.stack(steps) == 0
-    neg_lr = -alphas if alphas is not None else torch.zeros(len(steps), dtype=torch.float64, device=first_step.device)
-    damp = torch.where(first_step, 1.0, 1.0 - opt.dampening) if opt.dampening != 0 else torch.ones_like(neg_lr)
-    return torch.stack([neg_lr.float(), damp.float()], dim=1)
-
-
 # ------------------------------------------------------------------------- launches
 
 
@@ -202,118 +175,155 @@ def _sum_chunks(partials: Tensor, chunks: Chunks, n: int, width: int) -> Tensor:
     return out
 
 
-def _streams(lists: SimpleNamespace, opt: SimpleNamespace) -> list[list[Tensor]]:
-    """The rows of the kernel's ``state_ptrs``: ``ADAM_STREAMS`` or ``SGD_STREAMS``."""
-    if opt.algorithm == "adam":
-        rows = [lists.params, lists.exp_avgs, lists.exp_avg_sqs] + ([lists.max_exp_avg_sqs] if opt.amsgrad else [])
-    else:
-        buffers = lists.momentum_buffers if opt.momentum != 0 else lists.params
-        rows = [lists.params, buffers] + ([lists.prev_directions] if opt.needs_prev_direction else [])
-    return rows + ([lists.master_params] if lists.master_params else [])
+def _rows(lists: dict[str, list[Tensor]], algorithm: Algorithm) -> list[list[Tensor]]:
+    """The rows of the kernel's ``state_ptrs`` (``ADAM_STREAMS`` / ``SGD_STREAMS``): the
+    parameters, each of the algorithm's streams in declaration order (the parameters'
+    pointers stand in for a stream the options do not keep: the kernel never reads it), the
+    master copies when kept (row ``MASTER_ROW`` = 1 + the number of streams)."""
+    params = lists["params"]
+    rows = [params, *(lists[s.name] or params for s in algorithm.streams)]
+    return rows + ([lists[MASTER_PARAM]] if lists[MASTER_PARAM] else [])
+
+
+def _adam_launch(opt: SimpleNamespace) -> tuple[object, dict]:
+    return _step_module().adam_kernel, dict(
+        lerp_weight=1 - opt.beta1,
+        beta2=opt.beta2,
+        one_minus_beta2=1 - opt.beta2,
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+        COUPLED_DECAY=opt.weight_decay != 0 and not opt.decoupled_weight_decay,
+        AMSGRAD=opt.amsgrad,
+    )
+
+
+def _sgd_launch(opt: SimpleNamespace) -> tuple[object, dict]:
+    return _step_module().sgd_kernel, dict(
+        momentum=opt.momentum,
+        weight_decay=opt.weight_decay,
+        COUPLED_DECAY=opt.weight_decay != 0,
+        MOMENTUM=opt.momentum != 0,
+        NESTEROV=opt.nesterov,
+        STORE_PREV=opt.needs_prev_direction,
+    )
+
+
+_LAUNCHES = {"adam": _adam_launch, "sgd": _sgd_launch}
+"""Each algorithm's kernel and its algorithm-specific arguments, from the op's options."""
 
 
 def _run_step(
-    lists: SimpleNamespace,
+    lists: dict[str, list[Tensor]],
     opt: SimpleNamespace,
-    alphas: Tensor | None,
+    scalars: Tensor,
     grad_scale: Tensor | None,
     clip_coef: Tensor | None,
     skip: Tensor | None,
     write: bool,
     stats: bool,
 ) -> Tensor:
-    """The Adam or SGD kernel over one bucket: update (``write``) and/or statistics.
+    """An algorithm's kernel over one bucket: update (``write``) and/or statistics.
 
-    ``lists`` holds the bucket's tensor lists by the names of :meth:`Bucket.tensor_lists`,
-    ``opt`` the keyword arguments of :meth:`GroupHyper.kernel_kwargs`. Returns the
-    per-tensor statistics, float32 ``[n, 3]`` (``[0, 3]`` without ``stats``).
+    ``lists`` holds the bucket's tensor lists by the names of :data:`alr.op_args.OP_STREAMS`
+    (and ``params``, ``grads``, ``steps``), ``opt`` the keyword arguments of
+    :meth:`GroupHyper.kernel_kwargs`, ``scalars`` the declaration's per-tensor scalars
+    (float32 ``[n, k]``). Returns the per-tensor statistics, float32 ``[n, 3]`` (``[0, 3]``
+    without ``stats``).
     """
-    params, n = lists.params, len(lists.params)
+    algorithm = ALGORITHMS[opt.algorithm]
+    params, n = lists["params"], len(lists["params"])
     device = params[0].device
-    streams = _streams(lists, opt)
-    if not _flat_layout(params, [lists.grads, *streams[1:]]):
-        copies: list[tuple[Tensor, Tensor]] = [] if write else None
-        strides = [_kernel_strides(p) for p in params]
-        staged = SimpleNamespace(**vars(lists))
-        for name in _PER_ELEMENT_LISTS:
-            staged_copies = copies if name in _MUTATED else None
-            setattr(staged, name, _staged(getattr(lists, name), strides, staged_copies))
-        result = _run_step(staged, opt, alphas, grad_scale, clip_coef, skip, write, stats)
-        for original, copy in copies or ():
-            original.copy_(copy)
-        return result
+    rows = _rows(lists, algorithm)
+    if not _flat_layout(params, [lists["grads"], *rows[1:]]):
+        return _run_staged(lists, opt, scalars, grad_scale, clip_coef, skip, write=write, stats=stats)
 
     chunks = _chunks(tuple(p.numel() for p in params), device)
     partials = torch.empty(chunks.count if stats else 0, 3, dtype=torch.float32, device=device)
     if chunks.count > 0:
         dummy = _dummy(device)
-        state = lists.exp_avgs or lists.momentum_buffers or lists.prev_directions or params
-        stochastic = bool(lists.rounding_keys)
-        common = dict(
+        keys = lists[ROUNDING_KEY]
+        state = next((lists[s.name] for s in algorithm.streams if lists[s.name]), params)
+        kernel, specific = _LAUNCHES[opt.algorithm](opt)
+        kernel[(chunks.count,)](
+            _pointer_table([t for row in rows for t in row], device),
+            _pointer_table(lists["grads"], device),
+            chunks.chunk_tensor,
+            chunks.chunk_start,
+            chunks.numels,
+            scalars,
             grad_scale=grad_scale if grad_scale is not None else dummy,
             clip_coef=clip_coef if clip_coef is not None else dummy,
             skip=skip if skip is not None else dummy,
             partials=partials,
-            rounding_streams=rounding_streams(lists.rounding_keys, lists.steps) if stochastic else dummy,
+            rounding_streams=rounding_streams(keys, lists["steps"]) if keys else dummy,
             n_tensors=n,
             grad_sign=-1.0 if opt.maximize else 1.0,
             STORAGE=_triton_dtype(params[0].dtype),
             STATE=_triton_dtype(state[0].dtype),
-            MASTER=bool(lists.master_params),
-            MASTER_ROW=len(streams) - 1,
-            STOCHASTIC=stochastic,
+            MASTER=bool(lists[MASTER_PARAM]),
+            MASTER_ROW=1 + len(algorithm.streams),
+            STOCHASTIC=bool(keys),
             HAS_SCALE=grad_scale is not None,
             HAS_CLIP=clip_coef is not None,
             HAS_SKIP=skip is not None,
             WRITE=write,
             STATS=stats,
             BLOCK=BLOCK,
+            **specific,
         )
-        tables = (
-            _pointer_table([t for stream in streams for t in stream], device),
-            _pointer_table(lists.grads, device),
-            chunks.chunk_tensor,
-            chunks.chunk_start,
-            chunks.numels,
-        )
-        kernels = _step_module()
-        if opt.algorithm == "adam":
-            kernels.adam_kernel[(chunks.count,)](
-                *tables,
-                _adam_scalars(lists.steps, alphas, opt),
-                lerp_weight=1 - opt.beta1,
-                beta2=opt.beta2,
-                one_minus_beta2=1 - opt.beta2,
-                eps=opt.eps,
-                weight_decay=opt.weight_decay,
-                COUPLED_DECAY=opt.weight_decay != 0 and not opt.decoupled_weight_decay,
-                AMSGRAD=opt.amsgrad,
-                **common,
-            )
-        else:
-            kernels.sgd_kernel[(chunks.count,)](
-                *tables,
-                _sgd_scalars(lists.steps, alphas, opt),
-                momentum=opt.momentum,
-                weight_decay=opt.weight_decay,
-                COUPLED_DECAY=opt.weight_decay != 0,
-                MOMENTUM=opt.momentum != 0,
-                NESTEROV=opt.nesterov,
-                STORE_PREV=opt.needs_prev_direction,
-                **common,
-            )
     if write:
-        torch._foreach_add_(lists.steps, 1.0 if skip is None else (~skip).float())
+        torch._foreach_add_(lists["steps"], 1.0 if skip is None else (~skip).float())
     return _sum_chunks(partials, chunks, n, 3) if stats else partials
+
+
+def _run_staged(lists: dict[str, list[Tensor]], opt: SimpleNamespace, scalars: Tensor, *args, write: bool, stats: bool) -> Tensor:
+    """:func:`_run_step` through copies in each parameter's layout (see ``_kernel_strides``),
+    written back after an update: the rare path of strided or mismatched layouts."""
+    copies: list[tuple[Tensor, Tensor]] | None = [] if write else None
+    strides = [_kernel_strides(p) for p in lists["params"]]
+    staged = dict(lists)
+    for name in _ELEMENTWISE_LISTS:
+        staged[name] = _staged(lists[name], strides, copies if name != "grads" else None)
+    result = _run_step(staged, opt, scalars, *args, write=write, stats=stats)
+    for original, copy in copies or ():
+        original.copy_(copy)
+    return result
 
 
 # ---------------------------------------------------------------------------- ops
 
-_TENSOR_LISTS = ("params", "grads", "steps", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "momentum_buffers",
-                 "prev_directions", "master_params", "rounding_keys")  # fmt: skip
-_MUTATED = tuple(name for name in _TENSOR_LISTS if name not in ("grads", "rounding_keys"))
-_PER_ELEMENT_LISTS = tuple(name for name in _TENSOR_LISTS if name not in ("steps", "rounding_keys"))
-"""The lists of tensors shaped like their parameters (the others hold 0-d tensors)."""
+_LIST_ARGS = ("params", "grads", "steps", *OP_STREAMS)
+_ELEMENTWISE_LISTS = ("params", "grads", *ELEMENTWISE_STREAMS)
+_MUTATED = ("params", "steps", *ELEMENTWISE_STREAMS)
+_SCHEMA_TYPES = {str: "str", float: "float", bool: "bool"}
+_OPTIONS = {name: _SCHEMA_TYPES[type(value)] for name, value in GroupHyper("adam", 0.0, 0.0, False).kernel_kwargs().items()}
+"""The ops' keyword arguments: :meth:`GroupHyper.kernel_kwargs`, typed."""
+
+
+def _schema(mutated: tuple[str, ...], extra: str) -> str:
+    """The step ops' schema, from the declarations' stream lists."""
+    lists = [f"Tensor(a{i}!)[] {name}" if name in mutated else f"Tensor[] {name}"
+             for i, name in enumerate(_LIST_ARGS)]  # fmt: skip
+    options = ", ".join(f"{kind} {name}" for name, kind in _OPTIONS.items())
+    return f"({', '.join(lists)}, Tensor scalars, Tensor? grad_scale, Tensor? clip_coef{extra}, *, {options}" + "{kw}) -> Tensor"
+
+
+def _split(args: tuple, kwargs: dict) -> tuple[dict[str, list[Tensor]], tuple, SimpleNamespace]:
+    """An op's arguments as (tensor lists by name, the tensors after them, options)."""
+    lists = dict(zip(_LIST_ARGS, args))
+    return lists, args[len(_LIST_ARGS):], SimpleNamespace(**{name: kwargs[name] for name in _OPTIONS})
+
+
+def _hypergrad_stats_impl(*args, **kwargs) -> Tensor:
+    """float32 ``[n, 3]``: per tensor ``g·d_prev``, ``g·g``, ``d_prev·d_prev``; writes nothing."""
+    lists, (scalars, grad_scale, clip_coef), opt = _split(args, kwargs)
+    return _run_step(lists, opt, scalars, grad_scale, clip_coef, None, write=False, stats=True)
+
+
+def _update_impl(*args, collect_stats: bool, **kwargs) -> Tensor:
+    """Update in place; float32 ``[n, 3]`` statistics with ``collect_stats``, else ``[0, 3]``."""
+    lists, (scalars, grad_scale, clip_coef, skip), opt = _split(args, kwargs)
+    return _run_step(lists, opt, scalars, grad_scale, clip_coef, skip, write=True, stats=collect_stats)
 
 
 @torch.library.custom_op("alr::triton_grad_stats", mutates_args=())
@@ -342,67 +352,18 @@ def _grad_stats_op(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
     return stats
 
 
-@torch.library.custom_op("alr::triton_hypergrad_stats", mutates_args=())
-def _hypergrad_stats_op(
-    params: list[Tensor], grads: list[Tensor], steps: list[Tensor], exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], momentum_buffers: list[Tensor],
-    prev_directions: list[Tensor], master_params: list[Tensor], rounding_keys: list[Tensor],
-    grad_scale: Tensor | None, clip_coef: Tensor | None,
-    algorithm: str, beta1: float, beta2: float, eps: float, weight_decay: float,
-    decoupled_weight_decay: bool, amsgrad: bool, maximize: bool, momentum: float,
-    dampening: float, nesterov: bool, needs_prev_direction: bool,
-) -> Tensor:  # fmt: skip
-    """float32 ``[n, 3]``: per tensor ``g·d_prev``, ``g·g``, ``d_prev·d_prev``; writes nothing."""
-    lists, opt = _split(locals())
-    return _run_step(lists, opt, None, grad_scale, clip_coef, None, write=False, stats=True)
-
-
-@torch.library.custom_op("alr::triton_update_", mutates_args=_MUTATED)
-def _update_op(
-    params: list[Tensor], grads: list[Tensor], steps: list[Tensor], exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], momentum_buffers: list[Tensor],
-    prev_directions: list[Tensor], master_params: list[Tensor], rounding_keys: list[Tensor],
-    alphas: Tensor, grad_scale: Tensor | None,
-    clip_coef: Tensor | None, skip: Tensor | None, collect_stats: bool, algorithm: str,
-    beta1: float, beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool,
-    amsgrad: bool, maximize: bool, momentum: float, dampening: float, nesterov: bool,
-    needs_prev_direction: bool,
-) -> Tensor:  # fmt: skip
-    """Update in place; float32 ``[n, 3]`` statistics with ``collect_stats``, else ``[0, 3]``."""
-    lists, opt = _split(locals())
-    return _run_step(lists, opt, alphas, grad_scale, clip_coef, skip, write=True, stats=collect_stats)
-
-
-def _split(arguments: dict) -> tuple[SimpleNamespace, SimpleNamespace]:
-    """An op's arguments as (tensor lists, kernel options)."""
-    lists = SimpleNamespace(**{name: arguments[name] for name in _TENSOR_LISTS})
-    opt = SimpleNamespace(**{name: arguments[name] for name in _OPTION_NAMES})
-    return lists, opt
-
-
-_OPTION_NAMES = ("algorithm", "beta1", "beta2", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad",
-                 "maximize", "momentum", "dampening", "nesterov", "needs_prev_direction")  # fmt: skip
-
-
-def _stats_like(tensors: list[Tensor], rows: int, width: int) -> Tensor:
-    device = tensors[0].device if tensors else None
-    return torch.empty(rows, width, dtype=torch.float32, device=device)
-
-
-@_grad_stats_op.register_fake
-def _(grads, grad_scale):
-    return _stats_like(grads, len(grads), 2)
-
-
-@_hypergrad_stats_op.register_fake
-def _(params, *args, **kwargs):
-    return _stats_like(params, len(params), 3)
-
-
-@_update_op.register_fake
-def _(params, grads, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions,
-      master_params, rounding_keys, alphas, grad_scale, clip_coef, skip, collect_stats, *options):  # fmt: skip
-    return _stats_like(params, len(params) if collect_stats else 0, 3)
+_hypergrad_stats_op = torch.library.custom_op(
+    "alr::triton_hypergrad_stats", _hypergrad_stats_impl, mutates_args=(), schema=_schema((), "").format(kw="")
+)
+_update_op = torch.library.custom_op(
+    "alr::triton_update_",
+    _update_impl,
+    mutates_args=_MUTATED,
+    schema=_schema(_MUTATED, ", Tensor? skip").format(kw=", bool collect_stats"),
+)
+_grad_stats_op.register_fake(grad_stats_fake)
+_hypergrad_stats_op.register_fake(hypergrad_stats_fake)
+_update_op.register_fake(update_fake)
 
 
 # ------------------------------------------------------------------ backend interface
@@ -417,7 +378,8 @@ def hypergrad_stats(
     bucket: Bucket, hyper: GroupHyper, grad_scale: Tensor | None, clip_coef: Tensor | None
 ) -> Tensor:
     """See :func:`alr.reference.hypergrad_stats`."""
-    return _hypergrad_stats_op(*_op_lists(bucket), grad_scale, clip_coef, **hyper.kernel_kwargs())
+    scalars = _tensor_scalars(bucket, hyper, None)
+    return _hypergrad_stats_op(*tensor_lists(bucket), scalars, grad_scale, clip_coef, **hyper.kernel_kwargs())
 
 
 def update(
@@ -430,10 +392,15 @@ def update(
     collect_stats: bool,
 ) -> Tensor | None:
     """See :func:`alr.reference.update`."""
-    stats = _update_op(*_op_lists(bucket), alphas, grad_scale, clip_coef, skip, collect_stats, **hyper.kernel_kwargs())
+    scalars = _tensor_scalars(bucket, hyper, alphas)
+    kwargs = hyper.kernel_kwargs()
+    stats = _update_op(*tensor_lists(bucket), scalars, grad_scale, clip_coef, skip, collect_stats=collect_stats, **kwargs)
     return stats if collect_stats else None
 
 
-def _op_lists(bucket: Bucket) -> tuple[list[Tensor], ...]:
-    """The tensor lists in the order of this module's ops (``_TENSOR_LISTS``)."""
-    return (*bucket.tensor_lists(), bucket.rounding_keys)
+def _tensor_scalars(bucket: Bucket, hyper: GroupHyper, alphas: Tensor | None) -> Tensor:
+    """The declaration's per-tensor scalars, rounded to float32 as the reference rounds them
+    (computed on the device with a few torch ops: no host read)."""
+    steps = torch.stack(bucket.steps).double()
+    alphas = torch.zeros_like(steps) if alphas is None else alphas
+    return hyper.declaration.tensor_scalars(hyper, steps, alphas).float()

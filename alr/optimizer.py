@@ -16,17 +16,18 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import backends
-from .bucket import Bucket, GroupHyper
-from .distributed import StatsReduction, local_grads, local_tensor, sharded_reduction
+from .algorithms import GroupHyper, algorithm_of
+from .distributed import StatsReduction, local_grads, sharded_reduction
 from .functional import GroupWork, alr_step
+from .plan import PlanCache, bucket_group
 from .reference import STATS_DTYPE
+from .state import restore_state_dtypes
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["ALROptimizer", "ALRStats"]
 
-ALGORITHMS = ("adam", "adamw", "sgd")
 HYPERGRAD_MODES = ("mult", "add", "off")
 HYPERGRAD_SCOPES = ("group", "tensor")
 
@@ -42,31 +43,10 @@ KAPPA_KEY = "hypergrad_kappa"
 GRAD_SQ_AVG_KEY = "hypergrad_grad_sq_avg"
 """Param-group key of the ``mult`` rule's running mean of ‖g‖², shaped like κ."""
 
-PREV_DIRECTION_KEY = "hypergrad_prev_direction"
-"""Per-parameter state key of ``d_{t-1}`` for SGD without momentum and Nesterov SGD."""
-
-MASTER_KEY = "master_param"
-"""Per-parameter state key of the float32 master copy of a 16-bit parameter (``master_weights``)."""
-
-ROUNDING_KEY = "rounding_key"
-"""Per-parameter state key of the 0-d int64 key of its stochastic-rounding stream."""
-
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", PREV_DIRECTION_KEY)
-"""The state tensors stored in ``state_dtype`` when it is set."""
-
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 STATE_DICT_KEY = "alr"
 """Top-level ``state_dict`` key of the optimizer-wide telemetry (ignored by torch.optim)."""
-
-
-@dataclass
-class _GroupPlan:
-    """A param group's bucketing, valid while ``layout`` (see ``_group_work``) holds."""
-
-    group: dict[str, Any]
-    layout: tuple
-    buckets: list[Bucket]
 
 
 @dataclass(frozen=True)
@@ -182,27 +162,24 @@ class ALROptimizer(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"Invalid algorithm: {algorithm!r}. Expected one of {list(ALGORITHMS)}")
-        family = "sgd" if algorithm == "sgd" else "adam"
+        declaration = algorithm_of(algorithm)
         if weight_decay is None:
             weight_decay = 1e-2 if algorithm == "adamw" else 0.0
         if hypergrad_lr is None and hypergrad in HYPERGRAD_MODES:
             default = DEFAULT_HYPERGRAD_LR[hypergrad]
-            hypergrad_lr = default[family] if isinstance(default, dict) else default
+            hypergrad_lr = default[declaration.name] if isinstance(default, dict) else default
         _check_torch_flags(foreach=foreach, fused=fused, differentiable=differentiable)
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         if isinstance(stats_group, str) and stats_group != "world":
             raise ValueError(f"Invalid stats_group: {stats_group!r}. Expected None, 'world' or a ProcessGroup")
-
+        given = dict(betas=betas, eps=eps, amsgrad=amsgrad, decoupled_weight_decay=algorithm == "adamw",
+                     momentum=momentum, dampening=dampening, nesterov=nesterov)  # fmt: skip
+        declaration.check(lr, weight_decay, foreach=foreach, capturable=capturable, **given)
         defaults: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
-        if family == "adam":
-            _check_adam_args(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
-            defaults.update(betas=tuple(_to_float(b) for b in betas), eps=eps, amsgrad=amsgrad)
-        else:
-            _check_sgd_args(lr, momentum, weight_decay)
-            defaults.update(momentum=momentum, dampening=dampening, nesterov=nesterov)
+        defaults.update({name: given[name] for name in declaration.hyper_parameters})
+        if "betas" in defaults:
+            defaults["betas"] = tuple(_to_float(b) for b in betas)
         defaults.update(
             maximize=maximize,
             foreach=foreach,
@@ -222,15 +199,12 @@ class ALROptimizer(Optimizer):
             rounding_seed=rounding_seed,
             backend=backend,
         )
-        if family == "adam":
-            defaults["decoupled_weight_decay"] = algorithm == "adamw"
-        self.algorithm = family
+        self.algorithm = declaration.name
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
-        self._telemetry: dict[str, Tensor] | None = None
-        self._plans: dict[int, _GroupPlan] = {}
-        self._state_version = 0
         self.stats_group = stats_group
+        self._telemetry: dict[str, Tensor] | None = None
+        self._plans = PlanCache()
         self._reduction_key: tuple | None = None
         self._reduction: StatsReduction | None = None
         super().__init__(params, defaults)
@@ -263,7 +237,7 @@ class ALROptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_telemetry", None)
         self.stats_group, self._reduction_key, self._reduction = None, None, None
-        self._plans, self._state_version = {}, 0
+        self._plans = PlanCache()
         self._step_supports_amp_scaling = True
 
     @torch.no_grad()
@@ -281,7 +255,7 @@ class ALROptimizer(Optimizer):
         # Ranks meet in the statistics' collectives, so under a reduction every group takes
         # part, also where this rank has no gradient in it (a ZeRO share can be empty).
         keep_empty = reduction is not None
-        works = [work for group in self.param_groups if (work := self._group_work(group, keep_empty))]
+        works = [work for index, group in enumerate(self.param_groups) if (work := self._group_work(index, keep_empty))]
         if not works:
             return loss
         telemetry = self._telemetry_on(works[0].kappa.device)
@@ -339,7 +313,7 @@ class ALROptimizer(Optimizer):
         state_dict = dict(state_dict)
         telemetry = state_dict.pop(STATE_DICT_KEY, None)
         super().load_state_dict(state_dict)
-        self._state_version += 1
+        self._plans.invalidate()
         for group in self.param_groups:
             for name, default in self.defaults.items():
                 group.setdefault(name, default)
@@ -349,114 +323,25 @@ class ALROptimizer(Optimizer):
                     self.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
                 elif step is not None:
                     self.state[p]["step"] = torch.tensor(float(step), device=p.device)
-        self._restore_state_dtypes(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [(p, GroupHyper.from_group(g, self.algorithm)) for g in self.param_groups for p in g["params"]]
+        restore_state_dtypes(self.state, params, state_dict["state"], saved_ids)
         if telemetry is not None:
             device = self.param_groups[0]["params"][0].device
             self._telemetry = {k: v.to(device) for k, v in telemetry.items()}
 
-    def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
-        """torch's load casts every floating state tensor to its parameter's dtype; this
-        puts back, exactly, the float32 master copies, the int64 rounding keys and the
-        moments kept in a group's ``state_dtype``."""
-        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
-        params = ((p, g) for g in self.param_groups for p in g["params"])
-        for saved_id, (p, group) in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                dtype = {MASTER_KEY: torch.float32, ROUNDING_KEY: torch.int64}.get(key)
-                if dtype is None and key in MOMENT_KEYS:
-                    dtype = state_dtype_for(p, group["state_dtype"], group["master_weights"], group["stochastic_rounding"])
-                if dtype is not None and isinstance(value, Tensor):
-                    self.state[p][key] = value.to(dtype=dtype, device=p.device, copy=True)
-
-    def _group_work(self, group: dict[str, Any], keep_empty: bool = False) -> GroupWork | None:
-        """The group's share of this step, from its cached bucketing when still valid.
-
-        Bucketing touches every parameter's state in Python (about 3 µs per parameter), so
-        it is redone only when the layout changes: which parameters have gradients, the
-        options that decide the state, the backend, or the state itself (replaced, cleared
-        or loaded). Per step only the gradients are collected.
-        """
-        hyper = _group_hyper(group, self.algorithm)
+    def _group_work(self, index: int, keep_empty: bool = False) -> GroupWork | None:
+        """The share of this step of ``param_groups[index]``, from its cached plan while
+        that holds (see :mod:`alr.plan`)."""
+        group = self.param_groups[index]
+        hyper = GroupHyper.from_group(group, self.algorithm)
         grads = local_grads(group["params"])
-        _check_dense(grads, group)
-        plan = self._plans.get(id(group))
-        if plan is None or plan.group is not group or plan.layout != self._layout(group, hyper, grads):
-            buckets = self._bucket(group, hyper)  # may add state, so the layout is taken after
-            plan = _GroupPlan(group, self._layout(group, hyper, grads), buckets)
-            self._plans[id(group)] = plan
-        else:
-            for bucket in plan.buckets:
-                bucket.grads = [grads[i] for i in bucket.positions]
-        if not plan.buckets and not keep_empty:
+        build = lambda: bucket_group(group, index, hyper, self.state, lambda position: self._rounding_key(group, position))
+        buckets = self._plans.buckets(group, hyper, grads, self.state, build)
+        if not buckets and not keep_empty:
             return None
         grad_sq_avg = self._adaptive_scalar(group, GRAD_SQ_AVG_KEY, 0.0)
-        return GroupWork(hyper, plan.buckets, self._kappa(group), grad_sq_avg, group["backend"])
-
-    def _layout(self, group: dict[str, Any], hyper: GroupHyper, grads: list[Tensor | None]) -> tuple:
-        return (
-            tuple(g is not None for g in grads),
-            hyper.state_layout,
-            group["backend"],
-            id(self.state),
-            len(self.state),
-            self._state_version,
-        )
-
-    def _bucket(self, group: dict[str, Any], hyper: GroupHyper) -> list[Bucket]:
-        """Lazily initialise state and bucket the group's parameters by (device, dtype)."""
-        buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
-        for position, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            if group["backend"] != "auto":
-                backends.check_device(group["backend"], p.device, p.dtype)
-            state = self._init_state(p, hyper, group, position)
-            # A DTensor (FSDP2) is stepped through its local shard, which shares its storage.
-            local = local_tensor(p)
-            bucket = buckets.setdefault((local.device, local.dtype), Bucket([], [], []))
-            bucket.params.append(local)
-            bucket.grads.append(local_tensor(p.grad))
-            bucket.steps.append(state["step"])
-            bucket.positions.append(position)
-            if hyper.algorithm == "adam":
-                bucket.exp_avgs.append(local_tensor(state["exp_avg"]))
-                bucket.exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
-                if hyper.amsgrad:
-                    bucket.max_exp_avg_sqs.append(local_tensor(state["max_exp_avg_sq"]))
-            elif hyper.momentum != 0:
-                bucket.momentum_buffers.append(local_tensor(state["momentum_buffer"]))
-            if hyper.needs_prev_direction:
-                bucket.prev_directions.append(local_tensor(state[PREV_DIRECTION_KEY]))
-            if MASTER_KEY in state:
-                bucket.master_params.append(local_tensor(state[MASTER_KEY]))
-            if ROUNDING_KEY in state:
-                bucket.rounding_keys.append(state[ROUNDING_KEY])
-        return list(buckets.values())
-
-    def _init_state(self, p: Tensor, hyper: GroupHyper, group: dict[str, Any], position: int) -> dict[str, Any]:
-        state = self.state[p]
-        if "step" not in state:
-            # A torch.optim.SGD checkpoint has no step; a momentum buffer means one was taken.
-            started = isinstance(state.get("momentum_buffer"), Tensor)
-            state["step"] = torch.tensor(float(started), dtype=torch.float32, device=p.device)
-        keys = []
-        if hyper.algorithm == "adam":
-            keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hyper.amsgrad else [])
-        elif hyper.momentum != 0:
-            keys = ["momentum_buffer"]
-        if hyper.needs_prev_direction:
-            keys.append(PREV_DIRECTION_KEY)
-        for key in keys:
-            if state.get(key) is None:
-                dtype = state_dtype_for(p, hyper.state_dtype, hyper.master_weights, hyper.stochastic_rounding)
-                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        sixteen_bit = p.dtype in (torch.bfloat16, torch.float16)
-        if hyper.master_weights and sixteen_bit and state.get(MASTER_KEY) is None:
-            state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
-        if hyper.stochastic_rounding and p.dtype == torch.bfloat16 and not hyper.master_weights:
-            if state.get(ROUNDING_KEY) is None:
-                state[ROUNDING_KEY] = torch.tensor(self._rounding_key(group, position), dtype=torch.int64, device=p.device)
-        return state
+        return GroupWork(hyper, buckets, self._kappa(group), grad_sq_avg, group["backend"])
 
     def _rounding_key(self, group: dict[str, Any], position: int) -> int:
         """The stream key of ``group["params"][position]``: the group's rounding seed and the
@@ -492,50 +377,11 @@ class ALROptimizer(Optimizer):
         return self._telemetry
 
 
-def state_dtype_for(p: Tensor, state_dtype: torch.dtype | None, master_weights: bool, stochastic_rounding: bool) -> torch.dtype:
-    """The dtype of ``p``'s moments and buffers (see the ``state_dtype`` argument)."""
-    if state_dtype is not None:
-        return state_dtype
-    if (master_weights or stochastic_rounding) and p.dtype in (torch.bfloat16, torch.float16):
-        return torch.float32
-    return p.dtype
-
-
 def _new_telemetry(device: torch.device) -> dict[str, Tensor]:
     return {
         "grad_norm": torch.full((), math.nan, dtype=STATS_DTYPE, device=device),
         "skipped_steps": torch.zeros((), dtype=torch.int64, device=device),
     }
-
-
-def _group_hyper(group: dict[str, Any], algorithm: str) -> GroupHyper:
-    common = dict(
-        algorithm=algorithm,
-        lr=group["lr"],
-        weight_decay=_to_float(group["weight_decay"]),
-        maximize=group["maximize"],
-        hypergrad=group["hypergrad"],
-        hypergrad_lr=group["hypergrad_lr"],
-        hypergrad_norm_decay=group["hypergrad_norm_decay"],
-        hypergrad_scope=group["hypergrad_scope"],
-        hypergrad_exact=group["hypergrad_exact"],
-        kappa_min=group["kappa_min"],
-        kappa_max=group["kappa_max"],
-        master_weights=group["master_weights"],
-        stochastic_rounding=group["stochastic_rounding"],
-        state_dtype=group["state_dtype"],
-    )
-    if algorithm == "adam":
-        return GroupHyper(
-            **common,
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            betas=tuple(_to_float(b) for b in group["betas"]),
-            eps=group["eps"],
-            amsgrad=group["amsgrad"],
-        )
-    return GroupHyper(
-        **common, momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"]
-    )
 
 
 def _check_group(group: dict[str, Any], algorithm: str) -> None:
@@ -570,62 +416,11 @@ def _check_group(group: dict[str, Any], algorithm: str) -> None:
             backends.check_device(group["backend"], p.device, p.dtype)
 
 
-def _check_dense(grads: list[Tensor | None], group: dict[str, Any]) -> None:
-    """Reject sparse gradients, naming the parameter. (torch's ``.grad`` setter already
-    rejects a gradient whose shape, dtype or device differs from the parameter's.)"""
-    for position, grad in enumerate(grads):
-        if grad is not None and grad.is_sparse:
-            name = group["param_names"][position] if "param_names" in group else f"params[{position}]"
-            raise RuntimeError(f"alr does not support sparse gradients, but {name} has one")
-
-
 def _check_torch_flags(*, foreach: bool | None, fused: bool | None, differentiable: bool) -> None:
     if fused and differentiable:
         raise RuntimeError("`fused` does not support `differentiable`")
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-
-
-def _check_adam_args(lr, betas, eps, weight_decay, *, foreach, capturable) -> None:
-    """torch.optim.Adam's checks, with its exception types and messages."""
-    if isinstance(lr, Tensor):
-        if foreach and not capturable:
-            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    for index in (0, 1):
-        if not 0.0 <= betas[index] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {index}: {betas[index]}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if not (
-        all(isinstance(b, float) for b in betas[:2]) or all(isinstance(b, Tensor) for b in betas[:2])
-    ):
-        raise ValueError("betas must be either both floats or both Tensors")
-    for index in (0, 1):
-        if isinstance(betas[index], Tensor):
-            if not capturable and foreach:
-                raise ValueError(
-                    f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True"
-                )
-            if betas[index].numel() != 1:
-                raise ValueError(f"Tensor betas[{index}] must be 1-element")
-
-
-def _check_sgd_args(lr, momentum, weight_decay) -> None:
-    """torch.optim.SGD's checks, with its exception types and messages (Nesterov's are per group)."""
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if lr < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if momentum < 0.0:
-        raise ValueError(f"Invalid momentum value: {momentum}")
-    if weight_decay < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
 def _to_float(x: float | Tensor) -> float:

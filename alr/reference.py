@@ -31,7 +31,8 @@ One ``step()`` runs over every parameter ``p`` that has a gradient. Per paramete
    the effective learning rate ``α = κ·lr``. ``lr`` is the param group's learning rate (owned
    by the user and by any LR scheduler); ``κ`` is the adapted multiplier, 1 at start.
    Bias corrections and ``α/(1 − β1^t)`` are computed in float64 from the device step
-   tensor, then rounded to opmath, like torch's host-side Python floats.
+   tensor, then rounded to opmath, like torch's host-side Python floats (the per-tensor
+   scalars of the algorithm's declaration, :attr:`alr.algorithms.Algorithm.tensor_scalars`).
 
 Gradient statistics (optimizer-wide, over every group)
 ------------------------------------------------------
@@ -49,9 +50,11 @@ For each scope ``S`` (``hypergrad_scope``: the param group, or each tensor) the 
 are ``dot_S = Σ g_t·d_{t−1}``, ``gg_S = Σ g_t²`` and ``dd_S = Σ d_{t−1}²``, with ``g_t`` the
 gradient of step 1 above and ``d_{t−1}`` the previous direction *without* learning rate:
 
-* Adam: recomputed from the state before this step's update,
-  ``d_{t−1} = (m / (1 − β1^{t−1})) / (√v̂ / √(1 − β2^{t−1}) + ε)``; at ``t = 1`` the state is
-  zero, so ``d_0 = 0``. Decoupled weight decay is *not* part of ``d_{t−1}``: it would need
+* Adam: recomputed from the state before this step's update, ``d_{t−1} = (m / (1 − β1^{t−1}))
+  / (√v̂ / √(1 − β2^{t−1}) + ε)``, evaluated in every backend as ``(m·s) / (√v̂ + ε')`` with
+  ``s = √(1 − β2^{t−1}) / (1 − β1^{t−1})`` and ``ε' = ε·√(1 − β2^{t−1})`` (one division per
+  element instead of two; both are per-tensor scalars); at ``t = 1`` the state is zero, so
+  ``d_0 = 0``. Decoupled weight decay is *not* part of ``d_{t−1}``: it would need
   ``p_{t−2}``, which is not kept, and it is not a gradient direction.
 * SGD with heavy-ball momentum: the momentum buffer before the update. SGD without
   momentum and Nesterov SGD store ``d_{t−1}`` in ``hypergrad_prev_direction``.
@@ -111,7 +114,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .bucket import Bucket, GroupHyper, is_dense
+from .algorithms import PREV_DIRECTION, GroupHyper
+from .bucket import Bucket, is_dense
 
 __all__ = [
     "adapt_kappa",
@@ -216,10 +220,11 @@ def hypergrad_stats(
     Returns:
         float32 tensor of shape ``[len(bucket), 3]``: ``g·d_prev``, ``g·g``, ``d_prev·d_prev``.
     """
+    scalars = _tensor_scalars(bucket, hyper, None)
     rows = []
     for i in range(len(bucket)):
         g = _effective_grad(bucket, i, hyper, grad_scale, clip_coef)
-        rows.append(_dot_and_norms(g, _prev_direction(bucket, i, hyper, g.dtype)))
+        rows.append(_dot_and_norms(g, _prev_direction(bucket, i, hyper, scalars[i], g.dtype)))
     return _as_stats(rows, bucket)
 
 
@@ -249,12 +254,13 @@ def update(
     """
     step_fn = _adam_update if hyper.algorithm == "adam" else _sgd_update
     streams = rounding_streams(bucket.rounding_keys, bucket.steps) if bucket.rounding_keys else None
+    scalars = _tensor_scalars(bucket, hyper, alphas)
     rows = []
     for i in range(len(bucket)):
         g = _effective_grad(bucket, i, hyper, grad_scale, clip_coef)
         if collect_stats:
-            rows.append(_dot_and_norms(g, _prev_direction(bucket, i, hyper, g.dtype)))
-        param = step_fn(bucket, i, hyper, g, alphas[i], skip)
+            rows.append(_dot_and_norms(g, _prev_direction(bucket, i, hyper, scalars[i], g.dtype)))
+        param = step_fn(bucket, i, hyper, g, scalars[i], skip)
         _commit_param(bucket, i, param, skip, None if streams is None else streams[i])
         _commit(bucket.steps[i], bucket.steps[i] + 1, skip)
     return _as_stats(rows, bucket) if collect_stats else None
@@ -307,53 +313,60 @@ def adapt_kappa(
     )
 
 
+def _tensor_scalars(bucket: Bucket, hyper: GroupHyper, alphas: Tensor | None) -> Tensor:
+    """The declaration's per-tensor scalars of the bucket, float64 ``[n, k]``; ``alphas``
+    None (a statistics-only pass) counts as zeros."""
+    steps = torch.stack(bucket.steps).double() if len(bucket) else torch.zeros(0, dtype=torch.float64)
+    if alphas is None:
+        alphas = torch.zeros_like(steps)
+    return hyper.declaration.tensor_scalars(hyper, steps, alphas.to(steps.device))
+
+
 def _adam_update(
-    bucket: Bucket, i: int, hyper: GroupHyper, g: Tensor, alpha: Tensor, skip: Tensor | None
+    bucket: Bucket, i: int, hyper: GroupHyper, g: Tensor, scalars: Tensor, skip: Tensor | None
 ) -> Tensor:
     """Updates the state of parameter ``i``; returns its new value in opmath (uncommitted)."""
     beta1, beta2 = hyper.betas
     opmath = g.dtype
-    param, exp_avg, exp_avg_sq = (
-        _working(t, opmath, skip) for t in (_param_source(bucket, i), bucket.exp_avgs[i], bucket.exp_avg_sqs[i])
-    )
-    step = bucket.steps[i].double() + 1
+    decay_factor, neg_step_size, bias_correction2_sqrt = scalars[:3].to(opmath).unbind()
+    exp_avgs, exp_avg_sqs = bucket.stream("exp_avg"), bucket.stream("exp_avg_sq")
+    param, exp_avg, exp_avg_sq = (_working(t, opmath, skip) for t in (_param_source(bucket, i), exp_avgs[i], exp_avg_sqs[i]))
     if hyper.weight_decay != 0 and hyper.decoupled_weight_decay:
-        param.mul_((1 - alpha * hyper.weight_decay).to(opmath))
+        param.mul_(decay_factor)
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     second_moment = exp_avg_sq
     if hyper.amsgrad:
-        second_moment = torch.maximum(bucket.max_exp_avg_sqs[i].to(opmath), exp_avg_sq)
-        _commit(bucket.max_exp_avg_sqs[i], second_moment, skip)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step).sqrt()
-    denom = (second_moment.sqrt() / bias_correction2_sqrt.to(opmath)).add_(hyper.eps)
-    neg_step_size = (-alpha / bias_correction1).to(opmath)
+        max_exp_avg_sq = bucket.stream("max_exp_avg_sq")[i]
+        second_moment = torch.maximum(max_exp_avg_sq.to(opmath), exp_avg_sq)
+        _commit(max_exp_avg_sq, second_moment, skip)
+    denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(hyper.eps)
     param.addcdiv_(exp_avg * neg_step_size, denom)
-    _commit(bucket.exp_avgs[i], exp_avg, skip)
-    _commit(bucket.exp_avg_sqs[i], exp_avg_sq, skip)
+    _commit(exp_avgs[i], exp_avg, skip)
+    _commit(exp_avg_sqs[i], exp_avg_sq, skip)
     return param
 
 
 def _sgd_update(
-    bucket: Bucket, i: int, hyper: GroupHyper, g: Tensor, alpha: Tensor, skip: Tensor | None
+    bucket: Bucket, i: int, hyper: GroupHyper, g: Tensor, scalars: Tensor, skip: Tensor | None
 ) -> Tensor:
     opmath = g.dtype
+    neg_lr, damp_weight = scalars.unbind()
     direction = g
     if hyper.momentum != 0:
-        buf = _working(bucket.momentum_buffers[i], opmath, skip)
-        first_step = bucket.steps[i] == 0
+        buffer = bucket.stream("momentum_buffer")[i]
+        buf = _working(buffer, opmath, skip)
         buf.mul_(hyper.momentum)
         if hyper.dampening == 0:
             buf.add_(g)
         else:
-            buf.add_(g * torch.where(first_step, 1.0, 1.0 - hyper.dampening).to(opmath))
+            buf.add_(g * damp_weight.to(opmath))
         direction = g.add(buf, alpha=hyper.momentum) if hyper.nesterov else buf
-        _commit(bucket.momentum_buffers[i], buf, skip)
-    if hyper.needs_prev_direction:
-        _commit(bucket.prev_directions[i], direction, skip)
+        _commit(buffer, buf, skip)
+    if hyper.has_stream(PREV_DIRECTION):
+        _commit(bucket.stream(PREV_DIRECTION)[i], direction, skip)
     param = _working(_param_source(bucket, i), opmath, skip)
-    return param.add_(direction * (-alpha).to(opmath))
+    return param.add_(direction * neg_lr.to(opmath))
 
 
 def _effective_grad(
@@ -369,7 +382,7 @@ def _effective_grad(
         g = -g
     if clip_coef is not None:
         g = g * clip_coef.to(opmath)
-    if hyper.weight_decay != 0 and not (hyper.algorithm == "adam" and hyper.decoupled_weight_decay):
+    if hyper.coupled_weight_decay:
         g = g.add(_param_source(bucket, i).to(opmath), alpha=hyper.weight_decay)
     return g
 
@@ -389,19 +402,14 @@ def _commit_param(bucket: Bucket, i: int, new: Tensor, skip: Tensor | None, stre
     _commit(bucket.params[i], new, skip)
 
 
-def _prev_direction(bucket: Bucket, i: int, hyper: GroupHyper, opmath: torch.dtype) -> Tensor:
+def _prev_direction(bucket: Bucket, i: int, hyper: GroupHyper, scalars: Tensor, opmath: torch.dtype) -> Tensor:
     """``d_{t−1}``, the direction of the previous step, from the state before this update."""
     if hyper.algorithm == "sgd":
-        if hyper.needs_prev_direction:
-            return bucket.prev_directions[i].to(opmath)
-        return bucket.momentum_buffers[i].to(opmath)
-    beta1, beta2 = hyper.betas
-    # At step 0 the moments are zero; clamping the step keeps the corrections finite, d_0 = 0.
-    prev_step = bucket.steps[i].double().clamp(min=1)
-    second_moment = bucket.max_exp_avg_sqs[i] if hyper.amsgrad else bucket.exp_avg_sqs[i]
-    bias_correction2_sqrt = (1 - beta2**prev_step).sqrt().to(opmath)
-    denom = (second_moment.to(opmath).sqrt() / bias_correction2_sqrt).add_(hyper.eps)
-    return (bucket.exp_avgs[i].to(opmath) / (1 - beta1**prev_step).to(opmath)).div_(denom)
+        source = PREV_DIRECTION if hyper.has_stream(PREV_DIRECTION) else "momentum_buffer"
+        return bucket.stream(source)[i].to(opmath)
+    scale, shifted_eps = scalars[3:].to(opmath).unbind()
+    second_moment = bucket.stream("max_exp_avg_sq" if hyper.amsgrad else "exp_avg_sq")[i]
+    return (bucket.stream("exp_avg")[i].to(opmath) * scale).div_(second_moment.to(opmath).sqrt().add_(shifted_eps))
 
 
 def _dot_and_norms(g: Tensor, prev_direction: Tensor) -> Tensor:

@@ -42,16 +42,17 @@ __all__ = [
 ]
 
 ADAM_STREAMS = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
-"""Rows of the Adam kernel's ``state_ptrs``: ``max_exp_avg_sq`` only with amsgrad,
-``master_param`` only with master weights (its row is ``MASTER_ROW``)."""
-ADAM_SCALARS = ("decay_factor", "neg_step_size", "bias_correction2_sqrt", "prev_bias_correction1",
-                "prev_bias_correction2_sqrt")  # fmt: skip
-"""Columns of the Adam kernel's per-tensor scalars."""
-SGD_STREAMS = ("param", "momentum_buffer", "prev_direction", "master_param")
-"""Rows of the SGD kernel's ``state_ptrs``: the buffer row always (the parameter's pointer
-when there is no buffer), the others only where the options keep them (``MASTER_ROW``)."""
+"""Rows of the Adam kernel's ``state_ptrs``: the parameter, the streams of
+``alr.algorithms.ADAM`` in declaration order (``max_exp_avg_sq`` read only with amsgrad),
+the master copies (only with master weights; ``MASTER_ROW``)."""
+ADAM_SCALARS = ("decay_factor", "neg_step_size", "bias_correction2_sqrt", "prev_direction_scale",
+                "prev_direction_eps")  # fmt: skip
+"""Columns of the Adam kernel's per-tensor scalars (``alr.algorithms.ADAM.scalar_columns``)."""
+SGD_STREAMS = ("param", "momentum_buffer", "hypergrad_prev_direction", "master_param")
+"""Rows of the SGD kernel's ``state_ptrs``, as ``ADAM_STREAMS`` for ``alr.algorithms.SGD``: a
+stream is read only where the options keep it (``MOMENTUM``, ``STORE_PREV``, ``MASTER``)."""
 SGD_SCALARS = ("neg_lr", "damp_weight")
-"""Columns of the SGD kernel's per-tensor scalars."""
+"""Columns of the SGD kernel's per-tensor scalars (``alr.algorithms.SGD.scalar_columns``)."""
 
 
 @triton.jit
@@ -222,10 +223,9 @@ def adam_kernel(
 
     row = scalars + tensor * 5
     if STATS:
-        # d_{t-1} from the moments before this step, with the previous step's corrections.
-        prev_bc1 = tl.load(row + 3)
-        prev_bc2_sqrt = tl.load(row + 4)
-        d_prev = (m / prev_bc1) / (tl.sqrt(second_moment) / prev_bc2_sqrt + eps)
+        # d_{t-1} from the moments before this step, with the previous step's corrections
+        # folded into a scale and a shifted eps (the reference's one-division form).
+        d_prev = (m * tl.load(row + 3)) / (tl.sqrt(second_moment) + tl.load(row + 4))
         _store_stats(partials, chunk, g, d_prev, mask)
 
     if WRITE:

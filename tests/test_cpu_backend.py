@@ -15,6 +15,7 @@ from torch import Tensor
 import alr
 from alr import _native, backends, reference
 from alr.bucket import Bucket, GroupHyper
+from alr.op_args import ELEMENTWISE_STREAMS, tensor_lists
 from helpers import assert_bit_identical, assert_tensors_close, snapshot
 from parity import DTYPES, set_same_grads, typed_params
 
@@ -52,13 +53,13 @@ def _bucket(hyper: GroupHyper, dtype=torch.float32, shapes=((5, 3), (0,), (), (7
 
     bucket = Bucket([p.detach() for p in params], like(1.0), [torch.tensor(3.0) for _ in params])
     if hyper.algorithm == "adam":
-        bucket.exp_avgs, bucket.exp_avg_sqs = like(0.1), [v.abs() for v in like(0.01)]
+        bucket.state.update(exp_avg=like(0.1), exp_avg_sq=[v.abs() for v in like(0.01)])
         if hyper.amsgrad:
-            bucket.max_exp_avg_sqs = [v.abs() for v in like(0.02)]
+            bucket.state["max_exp_avg_sq"] = [v.abs() for v in like(0.02)]
     elif hyper.momentum != 0:
-        bucket.momentum_buffers = like(1.0)
-    if hyper.needs_prev_direction:
-        bucket.prev_directions = like(1.0)
+        bucket.state["momentum_buffer"] = like(1.0)
+    if hyper.has_stream("hypergrad_prev_direction"):
+        bucket.state["hypergrad_prev_direction"] = like(1.0)
     return bucket
 
 
@@ -97,10 +98,10 @@ def test_grad_stats_flags_nonfinite_per_tensor() -> None:
 def test_update_with_skip_writes_nothing() -> None:
     hyper = HYPERS["adam"]
     bucket = _bucket(hyper)
-    before = [t.clone() for t in (*bucket.params, *bucket.steps, *bucket.exp_avgs, *bucket.exp_avg_sqs, *bucket.max_exp_avg_sqs)]
+    before = [t.clone() for t in (*bucket.params, *bucket.steps, *bucket.state['exp_avg'], *bucket.state['exp_avg_sq'], *bucket.state['max_exp_avg_sq'])]
     alphas = torch.full((len(bucket),), 0.01, dtype=torch.float64)
     stats = _native.update(bucket, hyper, alphas, None, None, torch.tensor(True), True)
-    after = [*bucket.params, *bucket.steps, *bucket.exp_avgs, *bucket.exp_avg_sqs, *bucket.max_exp_avg_sqs]
+    after = [*bucket.params, *bucket.steps, *bucket.state['exp_avg'], *bucket.state['exp_avg_sq'], *bucket.state['max_exp_avg_sq']]
     for index, (a, b) in enumerate(zip(after, before)):
         assert_bit_identical(a, b, f"tensor {index}")
     assert torch.equal(stats, torch.zeros(len(bucket), 3))
@@ -116,7 +117,7 @@ def test_op_rejects_inconsistent_buckets() -> None:
     with pytest.raises(RuntimeError, match="grads"):
         _native.update(bucket, hyper, alphas, None, None, None, False)
     bucket = _bucket(hyper)
-    bucket.exp_avgs = bucket.exp_avgs[:-1]
+    bucket.state["exp_avg"] = bucket.state["exp_avg"][:-1]
     with pytest.raises(RuntimeError, match="exp_avgs"):
         _native.update(bucket, hyper, alphas, None, None, None, False)
 
@@ -124,22 +125,22 @@ def test_op_rejects_inconsistent_buckets() -> None:
 @pytest.mark.parametrize(
     ("dtype", "change", "message"),
     [
-        (torch.float32, lambda b: setattr(b, "exp_avgs", [m.half() for m in b.exp_avgs]), "state tensors must have"),
-        (torch.float32, lambda b: setattr(b, "exp_avg_sqs", [v.bfloat16() for v in b.exp_avg_sqs]), r"exp_avg_sqs\[0\] has dtype"),
-        (torch.float32, lambda b: setattr(b, "master_params", [p.clone() for p in b.params]), "master_params are kept for bfloat16"),
-        (torch.bfloat16, lambda b: setattr(b, "master_params", [p.clone() for p in b.params]), r"master_params\[0\] has dtype"),
-        (torch.float16, lambda b: setattr(b, "rounding_keys", [torch.tensor(1) for _ in b.params]), "rounding_keys round bfloat16"),
-        (torch.bfloat16, lambda b: setattr(b, "rounding_keys", [torch.tensor(1.0) for _ in b.params]), "one-element int64"),
+        (torch.float32, lambda b: b.state.update(exp_avg=[m.half() for m in b.state["exp_avg"]]), "state tensors must have"),
+        (torch.float32, lambda b: b.state.update(exp_avg_sq=[v.bfloat16() for v in b.state["exp_avg_sq"]]), r"exp_avg_sqs\[0\] has dtype"),
+        (torch.float32, lambda b: b.state.update(master_param=[p.clone() for p in b.params]), "master_params are kept for bfloat16"),
+        (torch.bfloat16, lambda b: b.state.update(master_param=[p.clone() for p in b.params]), r"master_params\[0\] has dtype"),
+        (torch.float16, lambda b: b.state.update(rounding_key=[torch.tensor(1) for _ in b.params]), "rounding_keys round bfloat16"),
+        (torch.bfloat16, lambda b: b.state.update(rounding_key=[torch.tensor(1.0) for _ in b.params]), "one-element int64"),
     ],
 )
 def test_op_rejects_bad_low_precision_inputs_and_writes_nothing(dtype, change, message: str) -> None:
     hyper = HYPERS["adamw"]
     bucket = _bucket(hyper, dtype=dtype)
     change(bucket)
-    before = [t.clone() for t in (*bucket.params, *bucket.exp_avgs, *bucket.exp_avg_sqs, *bucket.steps)]
+    before = [t.clone() for t in (*bucket.params, *bucket.state['exp_avg'], *bucket.state['exp_avg_sq'], *bucket.steps)]
     with pytest.raises(RuntimeError, match=message):
         _native.update(bucket, hyper, torch.full((len(bucket),), 0.01, dtype=torch.float64), None, None, None, False)
-    after = (*bucket.params, *bucket.exp_avgs, *bucket.exp_avg_sqs, *bucket.steps)
+    after = (*bucket.params, *bucket.state['exp_avg'], *bucket.state['exp_avg_sq'], *bucket.steps)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
@@ -159,9 +160,9 @@ def test_ops_reject_sparse_gradients() -> None:
 def _op_args(hyper: GroupHyper, collect: bool):
     bucket = _bucket(hyper, shapes=((5, 3), (4,)))
     kwargs = hyper.kernel_kwargs()
-    lists = bucket.tensor_lists()
+    lists = tensor_lists(bucket, ELEMENTWISE_STREAMS)
     alphas = torch.full((len(bucket),), 0.01, dtype=torch.float64)
-    update_args = (*lists, bucket.rounding_keys, alphas, torch.tensor(2.0), torch.tensor(0.5), torch.tensor(False))
+    update_args = (*tensor_lists(bucket), alphas, torch.tensor(2.0), torch.tensor(0.5), torch.tensor(False))
     return bucket, lists, update_args, {**kwargs, "collect_stats": collect}, kwargs
 
 

@@ -163,7 +163,8 @@ def test_custom_ops_pass_opcheck(triton_device: torch.device) -> None:
     )  # fmt: skip
     scale, clip, skip = (torch.tensor(v, device=triton_device) for v in (4.0, 0.5, False))
     alphas = torch.full((2,), 0.01, dtype=torch.float64, device=triton_device)
+    scalars = hyper.declaration.tensor_scalars(hyper, torch.stack(lists[2]).double(), alphas).float()
     options = hyper.kernel_kwargs()
     torch.library.opcheck(torch.ops.alr.triton_grad_stats.default, (lists[1], scale))
-    torch.library.opcheck(torch.ops.alr.triton_hypergrad_stats.default, (*lists, scale, clip), options)
-    torch.library.opcheck(torch.ops.alr.triton_update_.default, (*lists, alphas, scale, clip, skip, True), options)
+    torch.library.opcheck(torch.ops.alr.triton_hypergrad_stats.default, (*lists, scalars, scale, clip), options)
+    torch.library.opcheck(torch.ops.alr.triton_update_.default, (*lists, scalars, scale, clip, skip), {**options, "collect_stats": True})

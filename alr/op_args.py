@@ -1,0 +1,50 @@
+"""How a bucket becomes the arguments of the kernel ops, for the native and the Triton ops.
+
+Both op families take a bucket's tensor lists in one order, derived from the algorithm
+declarations (:mod:`alr.algorithms`): ``params, grads, steps``, then every algorithm's
+streams in declaration order, then the master copies and the rounding keys
+(:data:`OP_STREAMS`); a bucket passes an empty list for each stream its options do not keep.
+This module also holds the one shape function (the fake implementation) of each op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .algorithms import ALGORITHMS, GRAD_STATS, HYPERGRAD_STATS, MASTER_PARAM, ROUNDING_KEY
+from .bucket import Bucket
+
+__all__ = ["OP_STREAMS", "ELEMENTWISE_STREAMS", "tensor_lists", "grad_stats_fake", "hypergrad_stats_fake", "update_fake"]
+
+OP_STREAMS = (*(s.name for algorithm in ALGORITHMS.values() for s in algorithm.streams), MASTER_PARAM, ROUNDING_KEY)
+"""The state lists of the ops after ``params, grads, steps``, in schema order."""
+
+ELEMENTWISE_STREAMS = tuple(name for name in OP_STREAMS if name != ROUNDING_KEY)
+"""The lists shaped like their parameters: the ones an update writes, and the state lists of
+``hypergrad_stats`` (which takes no rounding keys)."""
+
+
+def tensor_lists(bucket: Bucket, streams: tuple[str, ...] = OP_STREAMS) -> tuple[list[Tensor], ...]:
+    """``params, grads, steps`` and the bucket's lists of ``streams``, in that order."""
+    return (bucket.params, bucket.grads, bucket.steps, *(bucket.stream(name) for name in streams))
+
+
+def _stats_like(tensors: list[Tensor], rows: int, width: int) -> Tensor:
+    device = tensors[0].device if len(tensors) else None
+    return torch.empty(rows, width, dtype=torch.float32, device=device)
+
+
+def grad_stats_fake(grads: list[Tensor], *args) -> Tensor:
+    """float32 ``[len(grads), len(GRAD_STATS)]``."""
+    return _stats_like(grads, len(grads), len(GRAD_STATS))
+
+
+def hypergrad_stats_fake(params: list[Tensor], *args, **kwargs) -> Tensor:
+    """float32 ``[len(params), len(HYPERGRAD_STATS)]``."""
+    return _stats_like(params, len(params), len(HYPERGRAD_STATS))
+
+
+def update_fake(params: list[Tensor], *args, collect_stats: bool, **kwargs) -> Tensor:
+    """The statistics of ``hypergrad_stats_fake`` with ``collect_stats``, else ``[0, 3]``."""
+    return _stats_like(params, len(params) if collect_stats else 0, len(HYPERGRAD_STATS))
