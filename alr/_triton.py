@@ -1,10 +1,13 @@
 """The ``triton`` backend: :mod:`alr.reference`'s three functions on the kernels of
 ``alr.kernels.step``, one launch per bucket (plus one to sum statistics per tensor).
 
-Each function is a custom operator (``alr::triton_grad_stats``, ``alr::triton_hypergrad_stats``,
-``alr::triton_update_``, registered with :func:`torch.library.custom_op` and given fake
-implementations), so ``torch.compile`` traces a step as a few opaque calls per bucket
-instead of tracing into Triton's launcher, and ``opcheck`` can test the schemas.
+Each function is a custom operator registered with :func:`torch.library.custom_op` and
+given a fake implementation: ``alr::triton_grad_stats``, and per algorithm of
+:mod:`alr.algorithms` a statistics and an update op (``alr::triton_adam_hypergrad_stats``,
+``alr::triton_adam_update_``, ...) whose schemas are generated from the algorithm's
+declaration (:func:`alr.op_args.op_schema`). So ``torch.compile`` traces a step as a few
+opaque calls per bucket instead of tracing into Triton's launcher, and ``opcheck`` can test
+the schemas.
 
 Host work per call: look up the device tables that describe the bucket (see
 :func:`_device_table`), compute the per-tensor scalars with a few torch ops on the device,
@@ -18,14 +21,13 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
-from .algorithms import ALGORITHMS, MASTER_PARAM, ROUNDING_KEY, Algorithm, GroupHyper
+from .algorithms import ALGORITHMS, MASTER_PARAM, PREV_DIRECTION, ROUNDING_KEY, Algorithm, GroupHyper
 from .bucket import Bucket, host_to_device, is_dense
-from .op_args import ELEMENTWISE_STREAMS, OP_STREAMS, grad_stats_fake, hypergrad_stats_fake, tensor_lists, update_fake
+from .op_args import grad_stats_fake, hypergrad_stats_fake, mutated_lists, op_lists, op_schema, op_streams, update_fake
 from .reference import rounding_streams
 
 __all__ = ["DTYPES", "grad_stats", "hypergrad_stats", "interpreted", "update"]
@@ -185,36 +187,40 @@ def _rows(lists: dict[str, list[Tensor]], algorithm: Algorithm) -> list[list[Ten
     return rows + ([lists[MASTER_PARAM]] if lists[MASTER_PARAM] else [])
 
 
-def _adam_launch(opt: SimpleNamespace) -> tuple[object, dict]:
+def _adam_launch(lists: dict[str, list[Tensor]], options: dict) -> tuple[object, dict]:
+    beta1, beta2, eps, weight_decay = options["hyper"]
     return _step_module().adam_kernel, dict(
-        lerp_weight=1 - opt.beta1,
-        beta2=opt.beta2,
-        one_minus_beta2=1 - opt.beta2,
-        eps=opt.eps,
-        weight_decay=opt.weight_decay,
-        COUPLED_DECAY=opt.weight_decay != 0 and not opt.decoupled_weight_decay,
-        AMSGRAD=opt.amsgrad,
+        lerp_weight=1 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1 - beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        COUPLED_DECAY=weight_decay != 0 and not options["decoupled_weight_decay"],
+        AMSGRAD=bool(lists["max_exp_avg_sq"]),
     )
 
 
-def _sgd_launch(opt: SimpleNamespace) -> tuple[object, dict]:
+def _sgd_launch(lists: dict[str, list[Tensor]], options: dict) -> tuple[object, dict]:
+    momentum, _, weight_decay = options["hyper"]  # dampening is in the per-tensor scalars
     return _step_module().sgd_kernel, dict(
-        momentum=opt.momentum,
-        weight_decay=opt.weight_decay,
-        COUPLED_DECAY=opt.weight_decay != 0,
-        MOMENTUM=opt.momentum != 0,
-        NESTEROV=opt.nesterov,
-        STORE_PREV=opt.needs_prev_direction,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        COUPLED_DECAY=weight_decay != 0,
+        MOMENTUM=bool(lists["momentum_buffer"]),
+        NESTEROV=options["nesterov"],
+        STORE_PREV=bool(lists[PREV_DIRECTION]),
     )
 
 
 _LAUNCHES = {"adam": _adam_launch, "sgd": _sgd_launch}
-"""Each algorithm's kernel and its algorithm-specific arguments, from the op's options."""
+"""Each algorithm's kernel and its own arguments, from its op's lists and options (the
+keyword arguments of :meth:`Algorithm.kernel_arguments`)."""
 
 
 def _run_step(
     lists: dict[str, list[Tensor]],
-    opt: SimpleNamespace,
+    algorithm: Algorithm,
+    options: dict,
     scalars: Tensor,
     grad_scale: Tensor | None,
     clip_coef: Tensor | None,
@@ -224,26 +230,24 @@ def _run_step(
 ) -> Tensor:
     """An algorithm's kernel over one bucket: update (``write``) and/or statistics.
 
-    ``lists`` holds the bucket's tensor lists by the names of :data:`alr.op_args.OP_STREAMS`
-    (and ``params``, ``grads``, ``steps``), ``opt`` the keyword arguments of
-    :meth:`GroupHyper.kernel_kwargs`, ``scalars`` the declaration's per-tensor scalars
-    (float32 ``[n, k]``). Returns the per-tensor statistics, float32 ``[n, 3]`` (``[0, 3]``
-    without ``stats``).
+    ``lists`` holds the bucket's tensor lists by the names of the op's schema
+    (:func:`alr.op_args.op_schema`), ``options`` its keyword arguments, ``scalars`` the
+    declaration's per-tensor scalars (float32 ``[n, k]``). Returns the per-tensor
+    statistics, float32 ``[n, 3]`` (``[0, 3]`` without ``stats``).
     """
-    algorithm = ALGORITHMS[opt.algorithm]
     params, n = lists["params"], len(lists["params"])
     device = params[0].device
     rows = _rows(lists, algorithm)
     if not _flat_layout(params, [lists["grads"], *rows[1:]]):
-        return _run_staged(lists, opt, scalars, grad_scale, clip_coef, skip, write=write, stats=stats)
+        return _run_staged(lists, algorithm, options, scalars, grad_scale, clip_coef, skip, write=write, stats=stats)
 
     chunks = _chunks(tuple(p.numel() for p in params), device)
     partials = torch.empty(chunks.count if stats else 0, 3, dtype=torch.float32, device=device)
     if chunks.count > 0:
         dummy = _dummy(device)
-        keys = lists[ROUNDING_KEY]
+        keys = lists.get(ROUNDING_KEY, [])
         state = next((lists[s.name] for s in algorithm.streams if lists[s.name]), params)
-        kernel, specific = _LAUNCHES[opt.algorithm](opt)
+        kernel, specific = _LAUNCHES[algorithm.name](lists, options)
         kernel[(chunks.count,)](
             _pointer_table([t for row in rows for t in row], device),
             _pointer_table(lists["grads"], device),
@@ -257,7 +261,7 @@ def _run_step(
             partials=partials,
             rounding_streams=rounding_streams(keys, lists["steps"]) if keys else dummy,
             n_tensors=n,
-            grad_sign=-1.0 if opt.maximize else 1.0,
+            grad_sign=-1.0 if options["maximize"] else 1.0,
             STORAGE=_triton_dtype(params[0].dtype),
             STATE=_triton_dtype(state[0].dtype),
             MASTER=bool(lists[MASTER_PARAM]),
@@ -276,15 +280,15 @@ def _run_step(
     return _sum_chunks(partials, chunks, n, 3) if stats else partials
 
 
-def _run_staged(lists: dict[str, list[Tensor]], opt: SimpleNamespace, scalars: Tensor, *args, write: bool, stats: bool) -> Tensor:
+def _run_staged(lists: dict[str, list[Tensor]], algorithm: Algorithm, *args, write: bool, stats: bool) -> Tensor:
     """:func:`_run_step` through copies in each parameter's layout (see ``_kernel_strides``),
     written back after an update: the rare path of strided or mismatched layouts."""
     copies: list[tuple[Tensor, Tensor]] | None = [] if write else None
     strides = [_kernel_strides(p) for p in lists["params"]]
     staged = dict(lists)
-    for name in _ELEMENTWISE_LISTS:
+    for name in ("params", "grads", *(s.name for s in algorithm.streams), MASTER_PARAM):
         staged[name] = _staged(lists[name], strides, copies if name != "grads" else None)
-    result = _run_step(staged, opt, scalars, *args, write=write, stats=stats)
+    result = _run_step(staged, algorithm, *args, write=write, stats=stats)
     for original, copy in copies or ():
         original.copy_(copy)
     return result
@@ -292,38 +296,41 @@ def _run_staged(lists: dict[str, list[Tensor]], opt: SimpleNamespace, scalars: T
 
 # ---------------------------------------------------------------------------- ops
 
-_LIST_ARGS = ("params", "grads", "steps", *OP_STREAMS)
-_ELEMENTWISE_LISTS = ("params", "grads", *ELEMENTWISE_STREAMS)
-_MUTATED = ("params", "steps", *ELEMENTWISE_STREAMS)
-_SCHEMA_TYPES = {str: "str", float: "float", bool: "bool"}
-_OPTIONS = {name: _SCHEMA_TYPES[type(value)] for name, value in GroupHyper("adam", 0.0, 0.0, False).kernel_kwargs().items()}
-"""The ops' keyword arguments: :meth:`GroupHyper.kernel_kwargs`, typed."""
 
-
-def _schema(mutated: tuple[str, ...], extra: str) -> str:
-    """The step ops' schema, from the declarations' stream lists."""
-    lists = [f"Tensor(a{i}!)[] {name}" if name in mutated else f"Tensor[] {name}"
-             for i, name in enumerate(_LIST_ARGS)]  # fmt: skip
-    options = ", ".join(f"{kind} {name}" for name, kind in _OPTIONS.items())
-    return f"({', '.join(lists)}, Tensor scalars, Tensor? grad_scale, Tensor? clip_coef{extra}, *, {options}" + "{kw}) -> Tensor"
-
-
-def _split(args: tuple, kwargs: dict) -> tuple[dict[str, list[Tensor]], tuple, SimpleNamespace]:
-    """An op's arguments as (tensor lists by name, the tensors after them, options)."""
-    lists = dict(zip(_LIST_ARGS, args))
-    return lists, args[len(_LIST_ARGS):], SimpleNamespace(**{name: kwargs[name] for name in _OPTIONS})
-
-
-def _hypergrad_stats_impl(*args, **kwargs) -> Tensor:
+def _hypergrad_stats_impl(algorithm: Algorithm, *args, **options) -> Tensor:
     """float32 ``[n, 3]``: per tensor ``g·d_prev``, ``g·g``, ``d_prev·d_prev``; writes nothing."""
-    lists, (scalars, grad_scale, clip_coef), opt = _split(args, kwargs)
-    return _run_step(lists, opt, scalars, grad_scale, clip_coef, None, write=False, stats=True)
+    names = ("params", "grads", "steps", *op_streams(algorithm, update=False))
+    scalars, grad_scale, clip_coef = args[len(names):]
+    lists = dict(zip(names, args))
+    return _run_step(lists, algorithm, options, scalars, grad_scale, clip_coef, None, write=False, stats=True)
 
 
-def _update_impl(*args, collect_stats: bool, **kwargs) -> Tensor:
+def _update_impl(algorithm: Algorithm, *args, collect_stats: bool, **options) -> Tensor:
     """Update in place; float32 ``[n, 3]`` statistics with ``collect_stats``, else ``[0, 3]``."""
-    lists, (scalars, grad_scale, clip_coef, skip), opt = _split(args, kwargs)
-    return _run_step(lists, opt, scalars, grad_scale, clip_coef, skip, write=True, stats=collect_stats)
+    names = ("params", "grads", "steps", *op_streams(algorithm, update=True))
+    scalars, grad_scale, clip_coef, skip = args[len(names):]
+    lists = dict(zip(names, args))
+    return _run_step(lists, algorithm, options, scalars, grad_scale, clip_coef, skip, write=True, stats=collect_stats)
+
+
+def _register_step_ops(algorithm: Algorithm) -> tuple[object, object]:
+    """``alr::triton_<name>_hypergrad_stats`` and ``alr::triton_<name>_update_``, their
+    schemas from the declaration (:func:`alr.op_args.op_schema`)."""
+    stats = torch.library.custom_op(
+        f"alr::triton_{algorithm.name}_hypergrad_stats",
+        functools.partial(_hypergrad_stats_impl, algorithm),
+        mutates_args=(),
+        schema=op_schema(algorithm, update=False, per_tensor="scalars"),
+    )
+    update = torch.library.custom_op(
+        f"alr::triton_{algorithm.name}_update_",
+        functools.partial(_update_impl, algorithm),
+        mutates_args=mutated_lists(algorithm),
+        schema=op_schema(algorithm, update=True, per_tensor="scalars"),
+    )
+    stats.register_fake(hypergrad_stats_fake)
+    update.register_fake(update_fake)
+    return stats, update
 
 
 @torch.library.custom_op("alr::triton_grad_stats", mutates_args=())
@@ -352,18 +359,9 @@ def _grad_stats_op(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
     return stats
 
 
-_hypergrad_stats_op = torch.library.custom_op(
-    "alr::triton_hypergrad_stats", _hypergrad_stats_impl, mutates_args=(), schema=_schema((), "").format(kw="")
-)
-_update_op = torch.library.custom_op(
-    "alr::triton_update_",
-    _update_impl,
-    mutates_args=_MUTATED,
-    schema=_schema(_MUTATED, ", Tensor? skip").format(kw=", bool collect_stats"),
-)
 _grad_stats_op.register_fake(grad_stats_fake)
-_hypergrad_stats_op.register_fake(hypergrad_stats_fake)
-_update_op.register_fake(update_fake)
+_STEP_OPS = {name: _register_step_ops(algorithm) for name, algorithm in ALGORITHMS.items()}
+"""Per algorithm: its (statistics, update) custom ops."""
 
 
 # ------------------------------------------------------------------ backend interface
@@ -378,8 +376,10 @@ def hypergrad_stats(
     bucket: Bucket, hyper: GroupHyper, grad_scale: Tensor | None, clip_coef: Tensor | None
 ) -> Tensor:
     """See :func:`alr.reference.hypergrad_stats`."""
-    scalars = _tensor_scalars(bucket, hyper, None)
-    return _hypergrad_stats_op(*tensor_lists(bucket), scalars, grad_scale, clip_coef, **hyper.kernel_kwargs())
+    algorithm = hyper.declaration
+    stats_op, _ = _STEP_OPS[algorithm.name]
+    lists = op_lists(bucket, algorithm, update=False)
+    return stats_op(*lists, _tensor_scalars(bucket, hyper, None), grad_scale, clip_coef, **algorithm.kernel_arguments(hyper))
 
 
 def update(
@@ -392,9 +392,11 @@ def update(
     collect_stats: bool,
 ) -> Tensor | None:
     """See :func:`alr.reference.update`."""
-    scalars = _tensor_scalars(bucket, hyper, alphas)
-    kwargs = hyper.kernel_kwargs()
-    stats = _update_op(*tensor_lists(bucket), scalars, grad_scale, clip_coef, skip, collect_stats=collect_stats, **kwargs)
+    algorithm = hyper.declaration
+    _, update_op = _STEP_OPS[algorithm.name]
+    lists = op_lists(bucket, algorithm, update=True)
+    options = algorithm.kernel_arguments(hyper)
+    stats = update_op(*lists, _tensor_scalars(bucket, hyper, alphas), grad_scale, clip_coef, skip, collect_stats=collect_stats, **options)
     return stats if collect_stats else None
 
 

@@ -95,6 +95,14 @@ class GroupHyper:
         return ALGORITHMS[self.algorithm]
 
     @property
+    def beta1(self) -> float:
+        return self.betas[0]
+
+    @property
+    def beta2(self) -> float:
+        return self.betas[1]
+
+    @property
     def adapts(self) -> bool:
         return self.hypergrad != "off"
 
@@ -207,6 +215,11 @@ class Algorithm:
         streams: its own state streams, in the order its kernels take them.
         check: raises, with torch.optim's exception types and messages, for invalid
             constructor arguments (``lr``, ``weight_decay`` and the hyper-parameters).
+        kernel_hyper: the hyper-parameters its kernel ops take, in order, as the op
+            argument ``float[] hyper`` (names of :class:`GroupHyper` attributes).
+        kernel_flags: the boolean options its kernel ops take as named arguments. (What
+            the presence of a stream tells, such as amsgrad, is not passed: an op sees it
+            from the stream's list being empty or not.)
         scalar_columns: names of the per-tensor scalars, the columns of ``tensor_scalars``.
         tensor_scalars: ``(hyper, steps, alphas) -> float64 [n, len(scalar_columns)]`` on
             the device of ``steps``, from the step counters *before* this step (float64
@@ -218,11 +231,18 @@ class Algorithm:
     hyper_parameters: dict[str, Any]
     streams: tuple[StateStream, ...]
     check: Callable[..., None]
+    kernel_hyper: tuple[str, ...]
+    kernel_flags: tuple[str, ...]
     scalar_columns: tuple[str, ...]
     tensor_scalars: Callable[[GroupHyper, Tensor, Tensor], Tensor]
 
     def stream(self, name: str) -> StateStream:
         return next(s for s in self.streams if s.name == name)
+
+    def kernel_arguments(self, hyper: GroupHyper) -> dict[str, Any]:
+        """The keyword arguments of its kernel ops: ``hyper`` (floats) and the flags."""
+        return {"hyper": [float(getattr(hyper, name)) for name in self.kernel_hyper],
+                **{name: bool(getattr(hyper, name)) for name in self.kernel_flags}}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- streams
@@ -302,6 +322,8 @@ ADAM = Algorithm(
         StateStream("max_exp_avg_sq", "state", lambda h, dtype: h.amsgrad, "zeros", "v̂ = max over steps of v (amsgrad)"),
     ),
     check=_check_adam,
+    kernel_hyper=("beta1", "beta2", "eps", "weight_decay"),
+    kernel_flags=("decoupled_weight_decay", "maximize"),
     scalar_columns=("decay_factor", "neg_step_size", "bias_correction2_sqrt", "prev_direction_scale", "prev_direction_eps"),
     tensor_scalars=_adam_scalars,
 )  # fmt: skip
@@ -346,6 +368,8 @@ SGD = Algorithm(
                     "d_{t-1}, the previous direction (SGD without momentum, Nesterov SGD)"),
     ),
     check=_check_sgd,
+    kernel_hyper=("momentum", "dampening", "weight_decay"),
+    kernel_flags=("nesterov", "maximize"),
     scalar_columns=("neg_lr", "damp_weight"),
     tensor_scalars=_sgd_scalars,
 )  # fmt: skip

@@ -12,10 +12,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .algorithms import ALGORITHMS, GRAD_STATS, HYPERGRAD_STATS, MASTER_PARAM, ROUNDING_KEY
+from .algorithms import ALGORITHMS, GRAD_STATS, HYPERGRAD_STATS, MASTER_PARAM, ROUNDING_KEY, Algorithm
 from .bucket import Bucket
 
-__all__ = ["OP_STREAMS", "ELEMENTWISE_STREAMS", "tensor_lists", "grad_stats_fake", "hypergrad_stats_fake", "update_fake"]
+__all__ = [
+    "ELEMENTWISE_STREAMS",
+    "OP_STREAMS",
+    "grad_stats_fake",
+    "hypergrad_stats_fake",
+    "mutated_lists",
+    "op_lists",
+    "op_schema",
+    "op_streams",
+    "tensor_lists",
+    "update_fake",
+]
 
 OP_STREAMS = (*(s.name for algorithm in ALGORITHMS.values() for s in algorithm.streams), MASTER_PARAM, ROUNDING_KEY)
 """The state lists of the ops after ``params, grads, steps``, in schema order."""
@@ -28,6 +39,43 @@ ELEMENTWISE_STREAMS = tuple(name for name in OP_STREAMS if name != ROUNDING_KEY)
 def tensor_lists(bucket: Bucket, streams: tuple[str, ...] = OP_STREAMS) -> tuple[list[Tensor], ...]:
     """``params, grads, steps`` and the bucket's lists of ``streams``, in that order."""
     return (bucket.params, bucket.grads, bucket.steps, *(bucket.stream(name) for name in streams))
+
+
+# ----------------------------------------------------------------- typed ops per algorithm
+
+
+def op_streams(algorithm: Algorithm, update: bool) -> tuple[str, ...]:
+    """The state lists of ``algorithm``'s ops after ``params, grads, steps``: its streams in
+    declaration order, the master copies, and for an update the rounding keys."""
+    return (*(s.name for s in algorithm.streams), MASTER_PARAM, *((ROUNDING_KEY,) if update else ()))
+
+
+def op_lists(bucket: Bucket, algorithm: Algorithm, update: bool) -> tuple[list[Tensor], ...]:
+    """A bucket's tensor lists for ``algorithm``'s update or statistics op."""
+    return tensor_lists(bucket, op_streams(algorithm, update))
+
+
+def op_schema(algorithm: Algorithm, update: bool, per_tensor: str | None) -> str:
+    """The schema of ``algorithm``'s update (mutating) or statistics op, from its declaration.
+
+    ``per_tensor`` names the tensor argument that carries the per-tensor values after the
+    lists: ``"alphas"`` (float64 ``[n]`` effective learning rates: the native ops compute
+    the declared scalars themselves), ``"scalars"`` (the declared scalars, float32 ``[n, k]``:
+    the Triton ops), or None (none: the native statistics op).
+    """
+    names = ("params", "grads", "steps", *op_streams(algorithm, update))
+    letters = iter("abcdefghijklmnopqrstuvwxyz")
+    lists = [f"Tensor({next(letters)}!)[] {n}" if update and n in mutated_lists(algorithm) else f"Tensor[] {n}" for n in names]
+    tensors = [*lists, *([f"Tensor {per_tensor}"] if per_tensor else []), "Tensor? grad_scale", "Tensor? clip_coef"]
+    tensors += ["Tensor? skip"] if update else []
+    options = ["float[] hyper", *(f"bool {flag}" for flag in algorithm.kernel_flags)]
+    options += ["bool collect_stats"] if update else []
+    return f"({', '.join(tensors)}, *, {', '.join(options)}) -> Tensor"
+
+
+def mutated_lists(algorithm: Algorithm) -> tuple[str, ...]:
+    """The lists an update of ``algorithm`` writes."""
+    return ("params", "steps", *(s.name for s in algorithm.streams), MASTER_PARAM)
 
 
 def _stats_like(tensors: list[Tensor], rows: int, width: int) -> Tensor:

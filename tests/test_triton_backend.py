@@ -158,13 +158,14 @@ def test_custom_ops_pass_opcheck(triton_device: torch.device) -> None:
     like = lambda scale: [torch.randn_like(p) * scale for p in params]
     lists = (
         [p.detach() for p in params], like(1.0), [torch.tensor(2.0, device=triton_device) for _ in params],
-        like(0.1), [v.abs() for v in like(0.01)], [v.abs() for v in like(0.02)], [], [],
-        [p.detach().float() for p in params], [],  # master weights (a no-op copy for fp32), no rounding keys
+        like(0.1), [v.abs() for v in like(0.01)], [v.abs() for v in like(0.02)],
+        [p.detach().float() for p in params],  # master weights (a no-op copy for fp32)
     )  # fmt: skip
     scale, clip, skip = (torch.tensor(v, device=triton_device) for v in (4.0, 0.5, False))
     alphas = torch.full((2,), 0.01, dtype=torch.float64, device=triton_device)
     scalars = hyper.declaration.tensor_scalars(hyper, torch.stack(lists[2]).double(), alphas).float()
-    options = hyper.kernel_kwargs()
+    options = hyper.declaration.kernel_arguments(hyper)
     torch.library.opcheck(torch.ops.alr.triton_grad_stats.default, (lists[1], scale))
-    torch.library.opcheck(torch.ops.alr.triton_hypergrad_stats.default, (*lists, scalars, scale, clip), options)
-    torch.library.opcheck(torch.ops.alr.triton_update_.default, (*lists, scalars, scale, clip, skip), {**options, "collect_stats": True})
+    torch.library.opcheck(torch.ops.alr.triton_adam_hypergrad_stats.default, (*lists, scalars, scale, clip), options)
+    update_args = (*lists, [], scalars, scale, clip, skip)  # no rounding keys
+    torch.library.opcheck(torch.ops.alr.triton_adam_update_.default, update_args, {**options, "collect_stats": True})
