@@ -28,8 +28,8 @@ def init_state(state: dict[str, Any], p: Tensor, hyper: GroupHyper, rounding_key
         rounding_key: the stream key of ``p`` (called only when a rounding key is created).
     """
     if "step" not in state:
-        # A torch.optim.SGD checkpoint has no step; a momentum buffer means one was taken.
-        started = isinstance(state.get("momentum_buffer"), Tensor)
+        # A torch.optim.SGD checkpoint has no step; a state tensor means one was taken.
+        started = any(isinstance(state.get(s.name), Tensor) for s in hyper.declaration.streams)
         state["step"] = torch.tensor(float(started), dtype=torch.float32, device=p.device)
     for stream in hyper.streams(p.dtype):
         if state.get(stream.name) is None:
