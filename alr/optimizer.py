@@ -21,7 +21,7 @@ from .distributed import StatsReduction, local_grads, sharded_reduction
 from .functional import GroupWork, alr_step
 from .plan import PlanCache, bucket_group
 from .reference import STATS_DTYPE
-from .state import restore_state_dtypes
+from .state import restore_loaded_state
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -317,15 +317,9 @@ class ALROptimizer(Optimizer):
         for group in self.param_groups:
             for name, default in self.defaults.items():
                 group.setdefault(name, default)
-            for p in group["params"]:
-                step = self.state.get(p, {}).get("step")
-                if isinstance(step, Tensor):
-                    self.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
-                elif step is not None:
-                    self.state[p]["step"] = torch.tensor(float(step), device=p.device)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [(p, GroupHyper.from_group(g, self.algorithm)) for g in self.param_groups for p in g["params"]]
-        restore_state_dtypes(self.state, params, state_dict["state"], saved_ids)
+        restore_loaded_state(self.state, params, state_dict["state"], saved_ids)
         if telemetry is not None:
             device = self.param_groups[0]["params"][0].device
             self._telemetry = {k: v.to(device) for k, v in telemetry.items()}

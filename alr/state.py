@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .algorithms import GroupHyper, StateStream
 
-__all__ = ["init_state", "restore_state_dtypes"]
+__all__ = ["init_state", "restore_loaded_state"]
 
 
 def init_state(state: dict[str, Any], p: Tensor, hyper: GroupHyper, rounding_key: Callable[[], int]) -> dict[str, Any]:
@@ -46,16 +46,17 @@ def _initial(stream: StateStream, p: Tensor, hyper: GroupHyper, rounding_key: Ca
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
 
-def restore_state_dtypes(
+def restore_loaded_state(
     state: dict[Tensor, dict[str, Any]],
     params: list[tuple[Tensor, GroupHyper]],
     saved_state: dict[Any, dict[str, Any]],
     saved_ids: list[Any],
 ) -> None:
-    """Undo torch's load casts: ``Optimizer.load_state_dict`` casts every floating state
-    tensor to its parameter's dtype; this puts back, exactly, each stream in the dtype its
-    declaration gives (float32 master copies, int64 rounding keys, moments kept in a group's
-    ``state_dtype``).
+    """Finish ``Optimizer.load_state_dict``: every ``step`` becomes a 0-d float32 tensor on
+    its parameter's device (torch.optim checkpoints may hold floats or other dtypes), and
+    torch's load casts are undone: torch casts every floating state tensor to its
+    parameter's dtype; this puts back, exactly, each stream in the dtype its declaration
+    gives (float32 master copies, int64 rounding keys, moments kept in a ``state_dtype``).
 
     Args:
         state: the optimizer's state after torch's load.
@@ -64,6 +65,9 @@ def restore_state_dtypes(
             param-group order.
     """
     for saved_id, (p, hyper) in zip(saved_ids, params):
+        step = state.get(p, {}).get("step")
+        if step is not None:
+            state[p]["step"] = torch.as_tensor(step).to(device=p.device, dtype=torch.float32)
         saved = saved_state.get(saved_id, {})
         for stream in hyper.streams(p.dtype):
             value = saved.get(stream.name)
