@@ -1,7 +1,10 @@
 r"""ALROptimizer: a ``torch.optim.Optimizer`` for Adam, AdamW and SGD with a fused step.
 
-The class owns validation, lazy state and the state-dict layout; the step itself is
-:func:`alr.functional.alr_step`, whose math is stated in :mod:`alr.reference`.
+The class owns the options (each algorithm's own are validated by its declaration in
+:mod:`alr.algorithms`), κ and the telemetry, and the state-dict entry points. Lazy state is
+:mod:`alr.state`, bucketing and the plan cache :mod:`alr.plan`, the checks of every tensor
+:mod:`alr.validation`; the step itself is :func:`alr.functional.alr_step`, whose math is
+stated in :mod:`alr.reference`.
 """
 
 from __future__ import annotations
