@@ -126,24 +126,6 @@ class GroupHyper:
         return (self.algorithm, *(s.needed(self, None) for s in self.declaration.streams),
                 self.master_weights, self.stochastic_rounding, self.state_dtype)  # fmt: skip
 
-    def kernel_kwargs(self) -> dict[str, Any]:
-        """The native ops' hyper-parameter arguments (about 2 µs per call)."""
-        beta1, beta2 = self.betas
-        return {
-            "algorithm": self.algorithm,
-            "beta1": float(beta1),
-            "beta2": float(beta2),
-            "eps": float(self.eps),
-            "weight_decay": float(self.weight_decay),
-            "decoupled_weight_decay": bool(self.decoupled_weight_decay),
-            "amsgrad": bool(self.amsgrad),
-            "maximize": bool(self.maximize),
-            "momentum": float(self.momentum),
-            "dampening": float(self.dampening),
-            "nesterov": bool(self.nesterov),
-            "needs_prev_direction": self.has_stream(PREV_DIRECTION),
-        }
-
 
 SHARED_HYPER_PARAMETERS = (
     "lr", "weight_decay", "maximize", "hypergrad", "hypergrad_lr", "hypergrad_norm_decay", "hypergrad_scope",

@@ -1,10 +1,14 @@
-"""How a bucket becomes the arguments of the kernel ops, for the native and the Triton ops.
+"""How a bucket becomes the arguments of the kernel ops, native and Triton alike.
 
-Both op families take a bucket's tensor lists in one order, derived from the algorithm
-declarations (:mod:`alr.algorithms`): ``params, grads, steps``, then every algorithm's
-streams in declaration order, then the master copies and the rounding keys
-(:data:`OP_STREAMS`); a bucket passes an empty list for each stream its options do not keep.
-This module also holds the one shape function (the fake implementation) of each op.
+The step ops are typed per algorithm (``alr::adam_update_``, ``alr::sgd_hypergrad_stats``,
+``alr::triton_adam_update_``, ...), and their arguments follow the algorithm's declaration
+(:mod:`alr.algorithms`): the lists ``params, grads, steps``, then the algorithm's streams in
+declaration order, the master copies and, for an update, the rounding keys
+(:func:`op_streams`); a bucket passes an empty list for each stream its options do not
+keep. Then the per-tensor values, the device scalars and, as keywords, the declared
+hyper-parameters (``float[] hyper``) and flags. :func:`op_schema` writes the schema;
+``csrc/registration.cpp`` defines the native ops with the same strings (tested). This
+module also holds the one shape function (fake implementation) of each kind of op.
 """
 
 from __future__ import annotations
@@ -12,36 +16,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .algorithms import ALGORITHMS, GRAD_STATS, HYPERGRAD_STATS, MASTER_PARAM, ROUNDING_KEY, Algorithm
+from .algorithms import GRAD_STATS, HYPERGRAD_STATS, MASTER_PARAM, ROUNDING_KEY, Algorithm
 from .bucket import Bucket
 
 __all__ = [
-    "ELEMENTWISE_STREAMS",
-    "OP_STREAMS",
     "grad_stats_fake",
     "hypergrad_stats_fake",
     "mutated_lists",
     "op_lists",
     "op_schema",
     "op_streams",
-    "tensor_lists",
     "update_fake",
 ]
-
-OP_STREAMS = (*(s.name for algorithm in ALGORITHMS.values() for s in algorithm.streams), MASTER_PARAM, ROUNDING_KEY)
-"""The state lists of the ops after ``params, grads, steps``, in schema order."""
-
-ELEMENTWISE_STREAMS = tuple(name for name in OP_STREAMS if name != ROUNDING_KEY)
-"""The lists shaped like their parameters: the ones an update writes, and the state lists of
-``hypergrad_stats`` (which takes no rounding keys)."""
-
-
-def tensor_lists(bucket: Bucket, streams: tuple[str, ...] = OP_STREAMS) -> tuple[list[Tensor], ...]:
-    """``params, grads, steps`` and the bucket's lists of ``streams``, in that order."""
-    return (bucket.params, bucket.grads, bucket.steps, *(bucket.stream(name) for name in streams))
-
-
-# ----------------------------------------------------------------- typed ops per algorithm
 
 
 def op_streams(algorithm: Algorithm, update: bool) -> tuple[str, ...]:
@@ -52,7 +38,12 @@ def op_streams(algorithm: Algorithm, update: bool) -> tuple[str, ...]:
 
 def op_lists(bucket: Bucket, algorithm: Algorithm, update: bool) -> tuple[list[Tensor], ...]:
     """A bucket's tensor lists for ``algorithm``'s update or statistics op."""
-    return tensor_lists(bucket, op_streams(algorithm, update))
+    return (bucket.params, bucket.grads, bucket.steps, *(bucket.stream(name) for name in op_streams(algorithm, update)))
+
+
+def mutated_lists(algorithm: Algorithm) -> tuple[str, ...]:
+    """The lists an update of ``algorithm`` writes."""
+    return ("params", "steps", *(s.name for s in algorithm.streams), MASTER_PARAM)
 
 
 def op_schema(algorithm: Algorithm, update: bool, per_tensor: str | None) -> str:
@@ -65,17 +56,13 @@ def op_schema(algorithm: Algorithm, update: bool, per_tensor: str | None) -> str
     """
     names = ("params", "grads", "steps", *op_streams(algorithm, update))
     letters = iter("abcdefghijklmnopqrstuvwxyz")
-    lists = [f"Tensor({next(letters)}!)[] {n}" if update and n in mutated_lists(algorithm) else f"Tensor[] {n}" for n in names]
+    mutated = mutated_lists(algorithm) if update else ()
+    lists = [f"Tensor({next(letters)}!)[] {n}" if n in mutated else f"Tensor[] {n}" for n in names]
     tensors = [*lists, *([f"Tensor {per_tensor}"] if per_tensor else []), "Tensor? grad_scale", "Tensor? clip_coef"]
     tensors += ["Tensor? skip"] if update else []
     options = ["float[] hyper", *(f"bool {flag}" for flag in algorithm.kernel_flags)]
     options += ["bool collect_stats"] if update else []
     return f"({', '.join(tensors)}, *, {', '.join(options)}) -> Tensor"
-
-
-def mutated_lists(algorithm: Algorithm) -> tuple[str, ...]:
-    """The lists an update of ``algorithm`` writes."""
-    return ("params", "steps", *(s.name for s in algorithm.streams), MASTER_PARAM)
 
 
 def _stats_like(tensors: list[Tensor], rows: int, width: int) -> Tensor:

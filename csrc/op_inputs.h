@@ -4,6 +4,7 @@
 #pragma once
 
 #include <deque>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -101,13 +102,21 @@ struct Hyper {
   bool nesterov, needs_prev_direction;
 };
 
-inline Hyper make_hyper(c10::string_view algorithm, double beta1, double beta2, double eps, double weight_decay,
-                        bool decoupled_weight_decay, bool amsgrad, bool maximize, double momentum,
-                        double dampening, bool nesterov, bool needs_prev_direction) {
-  TORCH_CHECK(algorithm == "adam" || algorithm == "sgd", "alr: algorithm must be 'adam' or 'sgd', got '",
-              std::string(algorithm), "'");
-  return Hyper{algorithm == "adam", beta1,    beta2,     eps,      weight_decay, decoupled_weight_decay,
-               amsgrad,             maximize, momentum, dampening, nesterov,    needs_prev_direction};
+// The `float[] hyper` of the typed ops, in the order of the algorithms' declarations
+// (kernel_hyper in alr/algorithms.py): Adam [beta1, beta2, eps, weight_decay], SGD
+// [momentum, dampening, weight_decay]. The options that decide which state exists come from
+// the lists: amsgrad from max_exp_avg_sq, SGD's stored d_{t-1} from hypergrad_prev_direction.
+inline Hyper adam_hyper(c10::ArrayRef<double> hyper, bool decoupled_weight_decay, bool amsgrad, bool maximize) {
+  TORCH_CHECK(hyper.size() == 4, "alr: the adam ops take hyper = [beta1, beta2, eps, weight_decay], got ",
+              hyper.size(), " values");
+  return Hyper{true,     hyper[0], hyper[1], hyper[2], hyper[3], decoupled_weight_decay, amsgrad,
+               maximize, 0.0,      0.0,      false,    false};
+}
+
+inline Hyper sgd_hyper(c10::ArrayRef<double> hyper, bool nesterov, bool maximize, bool store_prev) {
+  TORCH_CHECK(hyper.size() == 3, "alr: the sgd ops take hyper = [momentum, dampening, weight_decay], got ",
+              hyper.size(), " values");
+  return Hyper{false, 0.0, 0.0, 0.0, hyper[2], false, false, maximize, hyper[0], hyper[1], nesterov, store_prev};
 }
 
 // The state lists an algorithm reads, checked against the parameters.
@@ -192,6 +201,61 @@ inline at::ScalarType check_state(const Hyper& h, TensorList params, TensorList 
   }
   return state_dtype;
 }
+
+// The typed ops of csrc/registration.cpp on a device's two implementations: `Impl` has
+//   static Tensor hypergrad_stats(const Hyper&, TensorList params, TensorList grads,
+//                                 TensorList steps, const State&, grad_scale, clip_coef);
+//   static Tensor update(const Hyper&, TensorList params, TensorList grads, TensorList steps,
+//                        const State&, const Tensor& alphas, grad_scale, clip_coef, skip,
+//                        bool collect_stats);
+// so each device registers &TypedOps<Impl>::adam_update_ etc., and the mapping from an
+// algorithm's op arguments to (Hyper, State) exists once.
+template <typename Impl>
+struct TypedOps {
+  using OptionalTensor = std::optional<Tensor>;
+
+  static Tensor adam_hypergrad_stats(TensorList params, TensorList grads, TensorList steps, TensorList exp_avg,
+                                     TensorList exp_avg_sq, TensorList max_exp_avg_sq, TensorList master_param,
+                                     const OptionalTensor& grad_scale, const OptionalTensor& clip_coef,
+                                     c10::ArrayRef<double> hyper, bool decoupled_weight_decay, bool maximize) {
+    const Hyper h = adam_hyper(hyper, decoupled_weight_decay, !max_exp_avg_sq.empty(), maximize);
+    const State st{exp_avg, exp_avg_sq, max_exp_avg_sq, {}, {}, master_param, {}};
+    return Impl::hypergrad_stats(h, params, grads, steps, st, grad_scale, clip_coef);
+  }
+
+  static Tensor sgd_hypergrad_stats(TensorList params, TensorList grads, TensorList steps, TensorList momentum_buffer,
+                                    TensorList prev_direction, TensorList master_param,
+                                    const OptionalTensor& grad_scale, const OptionalTensor& clip_coef,
+                                    c10::ArrayRef<double> hyper, bool nesterov, bool maximize) {
+    const Hyper h = sgd_hyper(hyper, nesterov, maximize, !prev_direction.empty());
+    const State st{{}, {}, {}, momentum_buffer, prev_direction, master_param, {}};
+    return Impl::hypergrad_stats(h, params, grads, steps, st, grad_scale, clip_coef);
+  }
+
+  static Tensor adam_update_(TensorList params, TensorList grads, TensorList steps, TensorList exp_avg,
+                             TensorList exp_avg_sq, TensorList max_exp_avg_sq, TensorList master_param,
+                             TensorList rounding_key, const Tensor& alphas, const OptionalTensor& grad_scale,
+                             const OptionalTensor& clip_coef, const OptionalTensor& skip, c10::ArrayRef<double> hyper,
+                             bool decoupled_weight_decay, bool maximize, bool collect_stats) {
+    const Hyper h = adam_hyper(hyper, decoupled_weight_decay, !max_exp_avg_sq.empty(), maximize);
+    const State st{exp_avg, exp_avg_sq, max_exp_avg_sq, {}, {}, master_param, rounding_key};
+    return Impl::update(h, params, grads, steps, st, alphas, grad_scale, clip_coef, skip, collect_stats);
+  }
+
+  static Tensor sgd_update_(TensorList params, TensorList grads, TensorList steps, TensorList momentum_buffer,
+                            TensorList prev_direction, TensorList master_param, TensorList rounding_key,
+                            const Tensor& alphas, const OptionalTensor& grad_scale, const OptionalTensor& clip_coef,
+                            const OptionalTensor& skip, c10::ArrayRef<double> hyper, bool nesterov, bool maximize,
+                            bool collect_stats) {
+    const Hyper h = sgd_hyper(hyper, nesterov, maximize, !prev_direction.empty());
+    const State st{{}, {}, {}, momentum_buffer, prev_direction, master_param, rounding_key};
+    return Impl::update(h, params, grads, steps, st, alphas, grad_scale, clip_coef, skip, collect_stats);
+  }
+};
+
+// The step ops' names, for the registrations that cover them all (Autograd, tests).
+inline constexpr const char* kStepOps[] = {"adam_hypergrad_stats", "sgd_hypergrad_stats", "adam_update_",
+                                           "sgd_update_"};
 
 }  // namespace ops
 }  // namespace alr

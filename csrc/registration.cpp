@@ -21,52 +21,59 @@
 #define ALR_STRINGIFY_IMPL(x) #x
 #define ALR_STRINGIFY(x) ALR_STRINGIFY_IMPL(x)
 
-// Keyword arguments shared by the ops that apply or inspect a step: the param group's
-// hyper-parameters (alr.bucket.GroupHyper), passed at run time.
-#define ALR_HYPER_ARGS                                                                        \
-  "str algorithm, float beta1, float beta2, float eps, float weight_decay, "                 \
-  "bool decoupled_weight_decay, bool amsgrad, bool maximize, float momentum, float dampening, " \
-  "bool nesterov, bool needs_prev_direction"
-
 TORCH_LIBRARY(alr, m) {
   // Python code adding ops to this namespace must use torch.library.Library("alr",
   // "FRAGMENT"): a second "DEF" library for the namespace is an error. The semantics of
   // every op are those of the function of the same name in alr/reference.py, over one
   // bucket (the parameters of one param group on one device and dtype).
+  //
+  // The step ops are typed per algorithm, as ATen's _fused_adam_ / _fused_sgd_ are. Their
+  // schemas follow the algorithm's declaration in alr/algorithms.py (alr.op_args.op_schema
+  // generates the same strings, and tests/test_declarations.py compares them): the tensor
+  // lists params, grads, steps, then the algorithm's state streams in declaration order, the
+  // float32 master copies of 16-bit parameters (or empty) and, for updates, the 0-d int64
+  // stochastic-rounding keys (or empty); a stream the options do not keep is an empty list,
+  // and that is how the ops learn amsgrad, momentum and the stored previous direction.
+  // `hyper` holds the algorithm's float hyper-parameters in the declared order
+  // (ops::adam_hyper, ops::sgd_hyper in op_inputs.h). The state lists share one dtype: the
+  // parameters', float32 or bfloat16 (state_dtype).
 
   // Per-tensor [n, 2] float32: squared L2 norm of grad / grad_scale, nonfinite flag (0/1).
   m.def("grad_stats(Tensor[] grads, Tensor? grad_scale) -> Tensor");
 
   // Per-tensor [n, 3] float32 hypergradient statistics g·d_prev, g·g, d_prev·d_prev of the
-  // state before any update (read-only pre-pass of hypergrad_exact). The state lists share
-  // one dtype: the parameters', float32 or bfloat16 (state_dtype). master_params: float32
-  // master copies of 16-bit parameters, read instead of them, or empty.
+  // state before any update (the read-only pre-pass of hypergrad_exact).
   m.def(
-      "hypergrad_stats(Tensor[] params, Tensor[] grads, Tensor[] steps, Tensor[] exp_avgs, "
-      "Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, Tensor[] momentum_buffers, "
-      "Tensor[] prev_directions, Tensor[] master_params, Tensor? grad_scale, Tensor? clip_coef, *, "
-      ALR_HYPER_ARGS ") -> Tensor");
+      "adam_hypergrad_stats(Tensor[] params, Tensor[] grads, Tensor[] steps, Tensor[] exp_avg, "
+      "Tensor[] exp_avg_sq, Tensor[] max_exp_avg_sq, Tensor[] master_param, Tensor? grad_scale, "
+      "Tensor? clip_coef, *, float[] hyper, bool decoupled_weight_decay, bool maximize) -> Tensor");
+  m.def(
+      "sgd_hypergrad_stats(Tensor[] params, Tensor[] grads, Tensor[] steps, Tensor[] momentum_buffer, "
+      "Tensor[] hypergrad_prev_direction, Tensor[] master_param, Tensor? grad_scale, Tensor? clip_coef, *, "
+      "float[] hyper, bool nesterov, bool maximize) -> Tensor");
 
   // One step over the bucket, in place: params, state and step counters (unless the 0-d
   // bool `skip` is true: then nothing is written). alphas: float64 [n] effective learning
-  // rates. Returns the [n, 3] statistics of hypergrad_stats taken before the update when
-  // collect_stats, else an empty [0, 3] tensor. State lists the algorithm does not use
-  // may be empty. With master_params, the master copies are updated and the parameters
-  // receive their images rounded to nearest; with rounding_keys (0-d int64, bfloat16
-  // parameters without masters), the parameters are rounded stochastically from the
-  // stream of (key, step, element offset) of alr/reference.py. Either list may be empty.
+  // rates. Returns the [n, 3] statistics of *_hypergrad_stats taken before the update when
+  // collect_stats, else an empty [0, 3] tensor. With master_param, the master copies are
+  // updated and the parameters receive their images rounded to nearest; with rounding_key
+  // (bfloat16 parameters without masters), the parameters are rounded stochastically from
+  // the stream of (key, step, element offset) of alr/reference.py.
   m.def(
-      "update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] exp_avgs, "
-      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] momentum_buffers, "
-      "Tensor(g!)[] prev_directions, Tensor(h!)[] master_params, Tensor[] rounding_keys, Tensor alphas, "
-      "Tensor? grad_scale, Tensor? clip_coef, Tensor? skip, *, " ALR_HYPER_ARGS ", bool collect_stats) -> Tensor");
+      "adam_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] exp_avg, "
+      "Tensor(d!)[] exp_avg_sq, Tensor(e!)[] max_exp_avg_sq, Tensor(f!)[] master_param, Tensor[] rounding_key, "
+      "Tensor alphas, Tensor? grad_scale, Tensor? clip_coef, Tensor? skip, *, float[] hyper, "
+      "bool decoupled_weight_decay, bool maximize, bool collect_stats) -> Tensor");
+  m.def(
+      "sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] momentum_buffer, "
+      "Tensor(d!)[] hypergrad_prev_direction, Tensor(e!)[] master_param, Tensor[] rounding_key, Tensor alphas, "
+      "Tensor? grad_scale, Tensor? clip_coef, Tensor? skip, *, float[] hyper, bool nesterov, bool maximize, "
+      "bool collect_stats) -> Tensor");
 
   // Debugging and benchmarking: the instruction set of the CPU kernels ("default", "avx2",
   // "avx512"); a non-empty `requested` switches to it (an error if this CPU lacks it).
   m.def("_cpu_isa(str requested=\"\") -> str");
 }
-
-#undef ALR_HYPER_ARGS
 
 namespace {
 

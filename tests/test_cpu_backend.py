@@ -15,7 +15,7 @@ from torch import Tensor
 import alr
 from alr import _native, backends, reference
 from alr.bucket import Bucket, GroupHyper
-from alr.op_args import ELEMENTWISE_STREAMS, tensor_lists
+from alr.op_args import op_lists
 from helpers import assert_bit_identical, assert_tensors_close, snapshot
 from parity import DTYPES, set_same_grads, typed_params
 
@@ -38,7 +38,7 @@ def test_backend_is_registered_and_auto_picks_it(monkeypatch) -> None:
     assert "cpu" in alr.available_backends()
     assert backends.resolve("cpu", torch.device("cpu"), torch.float32) is _native
     assert backends.resolve("auto", torch.device("cpu"), torch.float32) is _native
-    assert {"alr::grad_stats", "alr::hypergrad_stats", "alr::update_"} <= set(alr.build_info()["cpu_kernels"])
+    assert {f"alr::{op}" for op in _native.OPS} <= set(alr.build_info()["cpu_kernels"])
 
 
 # --- the ops directly -------------------------------------------------------------------------------
@@ -159,21 +159,24 @@ def test_ops_reject_sparse_gradients() -> None:
 
 def _op_args(hyper: GroupHyper, collect: bool):
     bucket = _bucket(hyper, shapes=((5, 3), (4,)))
-    kwargs = hyper.kernel_kwargs()
-    lists = tensor_lists(bucket, ELEMENTWISE_STREAMS)
+    algorithm = hyper.declaration
+    kwargs = algorithm.kernel_arguments(hyper)
+    lists = op_lists(bucket, algorithm, update=False)
     alphas = torch.full((len(bucket),), 0.01, dtype=torch.float64)
-    update_args = (*tensor_lists(bucket), alphas, torch.tensor(2.0), torch.tensor(0.5), torch.tensor(False))
+    scalars = (alphas, torch.tensor(2.0), torch.tensor(0.5), torch.tensor(False))
+    update_args = (*op_lists(bucket, algorithm, update=True), *scalars)
     return bucket, lists, update_args, {**kwargs, "collect_stats": collect}, kwargs
 
 
 @pytest.mark.parametrize("hyper", [HYPERS["adam"], HYPERS["sgd-nesterov"]], ids=["adam", "sgd"])
 def test_opcheck(hyper: GroupHyper) -> None:
     bucket, lists, update_args, update_kwargs, kwargs = _op_args(hyper, True)
+    name = hyper.algorithm
     torch.library.opcheck(torch.ops.alr.grad_stats.default, (bucket.grads, torch.tensor(2.0)))
-    torch.library.opcheck(torch.ops.alr.hypergrad_stats.default, (*lists, torch.tensor(2.0), None), kwargs)
-    torch.library.opcheck(torch.ops.alr.update_.default, update_args, update_kwargs)
+    torch.library.opcheck(getattr(torch.ops.alr, f"{name}_hypergrad_stats").default, (*lists, torch.tensor(2.0), None), kwargs)
+    torch.library.opcheck(getattr(torch.ops.alr, f"{name}_update_").default, update_args, update_kwargs)
     _, _, update_args, update_kwargs, _ = _op_args(hyper, False)
-    torch.library.opcheck(torch.ops.alr.update_.default, update_args, update_kwargs)
+    torch.library.opcheck(getattr(torch.ops.alr, f"{name}_update_").default, update_args, update_kwargs)
 
 
 # --- determinism -------------------------------------------------------------------------------------
@@ -226,11 +229,12 @@ def test_bit_identical_across_instruction_sets() -> None:
 def test_many_small_tensors_take_one_call(dtype: torch.dtype, monkeypatch) -> None:
     """The whole bucket reaches the op in one call, whatever the number of tensors."""
     calls = []
-    update = _native._update
-    monkeypatch.setattr(_native, "_update", lambda *a, **k: calls.append(len(a[0])) or update(*a, **k))
+    op = _native._op
+    counted = lambda name: lambda *a, **k: calls.append((name, len(a[0]))) or op(name)(*a, **k)
+    monkeypatch.setattr(_native, "_op", counted)
     params = typed_params([(7,)] * 1000, dtype)
     opt = alr.AdamW(params, backend="cpu")
     set_same_grads([params], seed=0)
     opt.step()
-    assert calls == [1000]
+    assert calls == [("adam_update_", 1000)]
     assert all(float(opt.state[p]["step"]) == 1.0 for p in params)

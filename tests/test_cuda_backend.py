@@ -21,10 +21,8 @@ pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("one_thread")]
 CHUNK = 16384
 """Elements per block of the CUDA kernels (csrc/cuda/multi_tensor.h kChunkSize)."""
 
-ADAM_KWARGS = dict(
-    algorithm="adam", beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
-    amsgrad=False, maximize=False, momentum=0.0, dampening=0.0, nesterov=False, needs_prev_direction=False,
-)  # fmt: skip
+ADAM_KWARGS = dict(hyper=[0.9, 0.999, 1e-8, 0.0], decoupled_weight_decay=False, maximize=False)
+SGD_KWARGS = dict(hyper=[0.9, 0.0, 0.0], nesterov=False, maximize=False)
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +71,7 @@ def test_statistics_are_deterministic_and_match_the_cpu_kernels() -> None:
     def stats(device: str) -> tuple[torch.Tensor, torch.Tensor]:
         params, grads, steps, exp_avgs, exp_avg_sqs = _adam_inputs(device)
         scale = torch.tensor(4.0, device=device)
-        hyper = torch.ops.alr.hypergrad_stats(params, grads, steps, exp_avgs, exp_avg_sqs, [], [], [], scale, None, **ADAM_KWARGS)
+        hyper = torch.ops.alr.adam_hypergrad_stats(params, grads, steps, exp_avgs, exp_avg_sqs, [], [], scale, None, **ADAM_KWARGS)
         return hyper, torch.ops.alr.grad_stats(grads, scale)
 
     first = stats("cuda")
@@ -206,7 +204,4 @@ def test_fp16_master_weights_with_fp16_state_are_refused_by_name() -> None:
     alphas = torch.ones(1, dtype=torch.float64, device="cuda")
     masters = [params[0].float()]
     with pytest.raises(RuntimeError, match="no kernel for Half parameters with Half state"):
-        torch.ops.alr.update_(
-            params, zeros, steps, [], [], [], zeros, [], masters, [], alphas, None, None, None, collect_stats=False,
-            **{**ADAM_KWARGS, "algorithm": "sgd", "momentum": 0.9},
-        )  # fmt: skip
+        torch.ops.alr.sgd_update_(params, zeros, steps, zeros, [], masters, [], alphas, None, None, None, collect_stats=False, **SGD_KWARGS)

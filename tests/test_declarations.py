@@ -59,3 +59,15 @@ def test_kernel_arguments_follow_the_declared_order() -> None:
     assert ADAM.kernel_arguments(hyper) == {"hyper": [0.8, 0.99, 1e-6, 0.1], "decoupled_weight_decay": True, "maximize": True}
     hyper = GroupHyper("sgd", 1e-3, 0.0, False, momentum=0.9, dampening=0.1, nesterov=False)
     assert SGD.kernel_arguments(hyper) == {"hyper": [0.9, 0.1, 0.0], "nesterov": False, "maximize": False}
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_native_schemas_are_the_declared_ones(name: str) -> None:
+    """csrc/registration.cpp writes the typed ops' schemas out; they are the declaration's."""
+    if alr._extension.load_cpu_extension() is None:
+        pytest.skip(f"alr._C is not built here: {alr._extension.cpu_extension_error()}")
+    algorithm = ALGORITHMS[name]
+    for update, per_tensor, op in ((False, None, "hypergrad_stats"), (True, "alphas", "update_")):
+        native = getattr(torch.ops.alr, f"{name}_{op}").default._schema
+        declared = torch._C.parse_schema(f"alr::{name}_{op}{op_schema(algorithm, update, per_tensor)}")
+        assert str(native) == str(declared)

@@ -52,7 +52,6 @@ using at::TensorList;
 using ops::check_list;
 using ops::check_state;
 using ops::Hyper;
-using ops::make_hyper;
 using ops::Staging;
 using ops::State;
 
@@ -353,21 +352,23 @@ Tensor sgd_call(const Hyper& h, Dtype d, int variant, TensorList params, TensorL
   return mode == Mode::kUpdate ? Tensor() : reduce_slots(plan, slots, n, kHypergradStats, false);
 }
 
-Tensor hypergrad_stats_cpu(TensorList params, TensorList grads, TensorList steps, TensorList exp_avgs,
-                           TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList momentum_buffers,
-                           TensorList prev_directions, TensorList master_params,
-                           const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip_coef,
-                           c10::string_view algorithm, double beta1,
-                           double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-                           bool amsgrad, bool maximize, double momentum, double dampening, bool nesterov,
-                           bool needs_prev_direction) {
+// The two implementations behind the typed ops (ops::TypedOps in op_inputs.h).
+struct CpuImpl {
+  static Tensor hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
+                                const State& st, const std::optional<Tensor>& grad_scale,
+                                const std::optional<Tensor>& clip_coef);
+  static Tensor update(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
+                       const Tensor& alphas, const std::optional<Tensor>& grad_scale,
+                       const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip, bool collect_stats);
+};
+
+Tensor CpuImpl::hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
+                                const State& st, const std::optional<Tensor>& grad_scale,
+                                const std::optional<Tensor>& clip_coef) {
   if (params.empty()) {
     return at::zeros({0, kHypergradStats}, at::TensorOptions().dtype(at::kFloat));
   }
-  const Hyper h = make_hyper(algorithm, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
-                             maximize, momentum, dampening, nesterov, needs_prev_direction);
   const Dtype d = check_params(params);
-  const State st{exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions, master_params, {}};
   const at::ScalarType state_dtype = check_state(h, params, grads, steps, st, /*need_stats_source=*/true);
   const int variant = variant_of(params[0].scalar_type(), state_dtype, st);
   const bool has_scale = grad_scale.has_value();
@@ -377,24 +378,16 @@ Tensor hypergrad_stats_cpu(TensorList params, TensorList grads, TensorList steps
   return call(h, d, variant, params, grads, steps, st, nullptr, scale, has_scale, clip, Mode::kStatsOnly);
 }
 
-Tensor update_cpu(TensorList params, TensorList grads, TensorList steps, TensorList exp_avgs,
-                  TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList momentum_buffers,
-                  TensorList prev_directions, TensorList master_params, TensorList rounding_keys,
-                  const Tensor& alphas, const std::optional<Tensor>& grad_scale,
-                  const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip,
-                  c10::string_view algorithm, double beta1, double beta2, double eps, double weight_decay,
-                  bool decoupled_weight_decay, bool amsgrad, bool maximize, double momentum, double dampening,
-                  bool nesterov, bool needs_prev_direction, bool collect_stats) {
+Tensor CpuImpl::update(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
+                       const Tensor& alphas, const std::optional<Tensor>& grad_scale,
+                       const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip,
+                       bool collect_stats) {
   const auto stats_options = at::TensorOptions().dtype(at::kFloat);
   const int64_t n = static_cast<int64_t>(params.size());
   if (n == 0) {
     return at::zeros({0, kHypergradStats}, stats_options);
   }
-  const Hyper h = make_hyper(algorithm, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
-                             maximize, momentum, dampening, nesterov, needs_prev_direction);
   const Dtype d = check_params(params);
-  const State st{exp_avgs,        exp_avg_sqs,   max_exp_avg_sqs, momentum_buffers,
-                 prev_directions, master_params, rounding_keys};
   const at::ScalarType state_dtype = check_state(h, params, grads, steps, st, collect_stats);
   const int variant = variant_of(params[0].scalar_type(), state_dtype, st);
   TORCH_CHECK(alphas.device().is_cpu() && alphas.numel() == n, "alr: alphas must be a CPU tensor of ", n,
@@ -478,13 +471,17 @@ std::string cpu_isa(c10::string_view requested) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(alr, CPU, m) {
+  using Ops = ops::TypedOps<CpuImpl>;
   m.impl("grad_stats", &grad_stats_cpu);
-  m.impl("hypergrad_stats", &hypergrad_stats_cpu);
-  m.impl("update_", &update_cpu);
+  m.impl("adam_hypergrad_stats", &Ops::adam_hypergrad_stats);
+  m.impl("sgd_hypergrad_stats", &Ops::sgd_hypergrad_stats);
+  m.impl("adam_update_", &Ops::adam_update_);
+  m.impl("sgd_update_", &Ops::sgd_update_);
 }
 
 TORCH_LIBRARY_IMPL(alr, Autograd, m) {
-  for (const char* name : {"grad_stats", "hypergrad_stats", "update_"}) {
+  m.impl("grad_stats", torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
+  for (const char* name : ops::kStepOps) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
   }
 }

@@ -51,7 +51,6 @@ using ops::check_list;
 using ops::check_matches;
 using ops::check_state;
 using ops::Hyper;
-using ops::make_hyper;
 using ops::Staging;
 using ops::State;
 
@@ -310,19 +309,22 @@ Tensor grad_stats_cuda(TensorList grads, const std::optional<Tensor>& grad_scale
   return sum_partials(partials, numels, kGradStats, /*last_is_count=*/true);
 }
 
-Tensor hypergrad_stats_cuda(TensorList params, TensorList grads, TensorList steps, TensorList exp_avgs,
-                            TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList momentum_buffers,
-                            TensorList prev_directions, TensorList master_params,
-                            const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip_coef,
-                            c10::string_view algorithm, double beta1, double beta2, double eps, double weight_decay,
-                            bool decoupled_weight_decay, bool amsgrad, bool maximize, double momentum,
-                            double dampening, bool nesterov, bool needs_prev_direction) {
-  const Hyper h = make_hyper(algorithm, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-                             momentum, dampening, nesterov, needs_prev_direction);
+// The two implementations behind the typed ops (ops::TypedOps in op_inputs.h).
+struct CudaImpl {
+  static Tensor hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
+                                const State& st, const std::optional<Tensor>& grad_scale,
+                                const std::optional<Tensor>& clip_coef);
+  static Tensor update(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
+                       const Tensor& alphas, const std::optional<Tensor>& grad_scale,
+                       const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip, bool collect_stats);
+};
+
+Tensor CudaImpl::hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
+                                 const State& st, const std::optional<Tensor>& grad_scale,
+                                 const std::optional<Tensor>& clip_coef) {
   check_params(params, "params");
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const State st{exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions, master_params, {}};
   const at::ScalarType state_dtype = check_state(h, params, grads, steps, st, /*need_stats_source=*/true);
   const Variant variant = variant_of(params[0].scalar_type(), state_dtype, st);
   const auto scale = device_scalar(grad_scale, device, at::kFloat, "grad_scale");
@@ -333,24 +335,17 @@ Tensor hypergrad_stats_cuda(TensorList params, TensorList grads, TensorList step
   return step_call(h, variant, params, grads, steps, st, scalars, Mode::kStatsOnly);
 }
 
-Tensor update_cuda(TensorList params, TensorList grads, TensorList steps, TensorList exp_avgs, TensorList exp_avg_sqs,
-                   TensorList max_exp_avg_sqs, TensorList momentum_buffers, TensorList prev_directions,
-                   TensorList master_params, TensorList rounding_keys, const Tensor& alphas,
-                   const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip_coef,
-                   const std::optional<Tensor>& skip, c10::string_view algorithm, double beta1, double beta2,
-                   double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
-                   double momentum, double dampening, bool nesterov, bool needs_prev_direction, bool collect_stats) {
+Tensor CudaImpl::update(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
+                        const Tensor& alphas, const std::optional<Tensor>& grad_scale,
+                        const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip,
+                        bool collect_stats) {
   const int64_t n = static_cast<int64_t>(params.size());
   if (n == 0) {
     return at::zeros({0, kHypergradStats}, alphas.options().dtype(at::kFloat));
   }
-  const Hyper h = make_hyper(algorithm, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-                             momentum, dampening, nesterov, needs_prev_direction);
   check_params(params, "params");
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const State st{exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions, master_params,
-                 rounding_keys};
   const at::ScalarType state_dtype = check_state(h, params, grads, steps, st, collect_stats);
   const Variant variant = variant_of(params[0].scalar_type(), state_dtype, st);
   TORCH_CHECK(alphas.device() == device && alphas.numel() == n, "alr: alphas must be a tensor of ", n,
@@ -373,9 +368,12 @@ Tensor update_cuda(TensorList params, TensorList grads, TensorList steps, Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(alr, CUDA, m) {
+  using Ops = ops::TypedOps<CudaImpl>;
   m.impl("grad_stats", &grad_stats_cuda);
-  m.impl("hypergrad_stats", &hypergrad_stats_cuda);
-  m.impl("update_", &update_cuda);
+  m.impl("adam_hypergrad_stats", &Ops::adam_hypergrad_stats);
+  m.impl("sgd_hypergrad_stats", &Ops::sgd_hypergrad_stats);
+  m.impl("adam_update_", &Ops::adam_update_);
+  m.impl("sgd_update_", &Ops::sgd_update_);
 }
 
 }  // namespace cuda
