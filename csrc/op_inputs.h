@@ -202,15 +202,19 @@ inline at::ScalarType check_state(const Hyper& h, TensorList params, TensorList 
   return state_dtype;
 }
 
-// The typed ops of csrc/registration.cpp on a device's two implementations: `Impl` has
-//   static Tensor hypergrad_stats(const Hyper&, TensorList params, TensorList grads,
-//                                 TensorList steps, const State&, grad_scale, clip_coef);
-//   static Tensor update(const Hyper&, TensorList params, TensorList grads, TensorList steps,
-//                        const State&, const Tensor& alphas, grad_scale, clip_coef, skip,
-//                        bool collect_stats);
-// so each device registers &TypedOps<Impl>::adam_update_ etc., and the mapping from an
-// algorithm's op arguments to (Hyper, State) exists once.
-template <typename Impl>
+// A device's implementation of the statistics-only pass and of the update.
+using HypergradStatsFn = Tensor (*)(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
+                                    const State& st, const std::optional<Tensor>& grad_scale,
+                                    const std::optional<Tensor>& clip_coef);
+using UpdateFn = Tensor (*)(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
+                            const Tensor& alphas, const std::optional<Tensor>& grad_scale,
+                            const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip,
+                            bool collect_stats);
+
+// The typed ops of csrc/registration.cpp on a device's two implementations: each device
+// registers &TypedOps<its functions>::adam_update_ etc., so the mapping from an algorithm's
+// op arguments to (Hyper, State) exists once.
+template <HypergradStatsFn kHypergradStats, UpdateFn kUpdate>
 struct TypedOps {
   using OptionalTensor = std::optional<Tensor>;
 
@@ -220,7 +224,7 @@ struct TypedOps {
                                      c10::ArrayRef<double> hyper, bool decoupled_weight_decay, bool maximize) {
     const Hyper h = adam_hyper(hyper, decoupled_weight_decay, !max_exp_avg_sq.empty(), maximize);
     const State st{exp_avg, exp_avg_sq, max_exp_avg_sq, {}, {}, master_param, {}};
-    return Impl::hypergrad_stats(h, params, grads, steps, st, grad_scale, clip_coef);
+    return kHypergradStats(h, params, grads, steps, st, grad_scale, clip_coef);
   }
 
   static Tensor sgd_hypergrad_stats(TensorList params, TensorList grads, TensorList steps, TensorList momentum_buffer,
@@ -229,7 +233,7 @@ struct TypedOps {
                                     c10::ArrayRef<double> hyper, bool nesterov, bool maximize) {
     const Hyper h = sgd_hyper(hyper, nesterov, maximize, !prev_direction.empty());
     const State st{{}, {}, {}, momentum_buffer, prev_direction, master_param, {}};
-    return Impl::hypergrad_stats(h, params, grads, steps, st, grad_scale, clip_coef);
+    return kHypergradStats(h, params, grads, steps, st, grad_scale, clip_coef);
   }
 
   static Tensor adam_update_(TensorList params, TensorList grads, TensorList steps, TensorList exp_avg,
@@ -239,7 +243,7 @@ struct TypedOps {
                              bool decoupled_weight_decay, bool maximize, bool collect_stats) {
     const Hyper h = adam_hyper(hyper, decoupled_weight_decay, !max_exp_avg_sq.empty(), maximize);
     const State st{exp_avg, exp_avg_sq, max_exp_avg_sq, {}, {}, master_param, rounding_key};
-    return Impl::update(h, params, grads, steps, st, alphas, grad_scale, clip_coef, skip, collect_stats);
+    return kUpdate(h, params, grads, steps, st, alphas, grad_scale, clip_coef, skip, collect_stats);
   }
 
   static Tensor sgd_update_(TensorList params, TensorList grads, TensorList steps, TensorList momentum_buffer,
@@ -249,7 +253,7 @@ struct TypedOps {
                             bool collect_stats) {
     const Hyper h = sgd_hyper(hyper, nesterov, maximize, !prev_direction.empty());
     const State st{{}, {}, {}, momentum_buffer, prev_direction, master_param, rounding_key};
-    return Impl::update(h, params, grads, steps, st, alphas, grad_scale, clip_coef, skip, collect_stats);
+    return kUpdate(h, params, grads, steps, st, alphas, grad_scale, clip_coef, skip, collect_stats);
   }
 };
 

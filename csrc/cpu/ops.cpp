@@ -352,17 +352,8 @@ Tensor sgd_call(const Hyper& h, Dtype d, int variant, TensorList params, TensorL
   return mode == Mode::kUpdate ? Tensor() : reduce_slots(plan, slots, n, kHypergradStats, false);
 }
 
-// The two implementations behind the typed ops (ops::TypedOps in op_inputs.h).
-struct CpuImpl {
-  static Tensor hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
-                                const State& st, const std::optional<Tensor>& grad_scale,
-                                const std::optional<Tensor>& clip_coef);
-  static Tensor update(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
-                       const Tensor& alphas, const std::optional<Tensor>& grad_scale,
-                       const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip, bool collect_stats);
-};
-
-Tensor CpuImpl::hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
+// The statistics-only implementation behind the typed *_hypergrad_stats ops (op_inputs.h).
+Tensor hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
                                 const State& st, const std::optional<Tensor>& grad_scale,
                                 const std::optional<Tensor>& clip_coef) {
   if (params.empty()) {
@@ -378,7 +369,8 @@ Tensor CpuImpl::hypergrad_stats(const Hyper& h, TensorList params, TensorList gr
   return call(h, d, variant, params, grads, steps, st, nullptr, scale, has_scale, clip, Mode::kStatsOnly);
 }
 
-Tensor CpuImpl::update(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
+// The implementation behind the typed *_update_ ops (op_inputs.h).
+Tensor update(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
                        const Tensor& alphas, const std::optional<Tensor>& grad_scale,
                        const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip,
                        bool collect_stats) {
@@ -471,7 +463,7 @@ std::string cpu_isa(c10::string_view requested) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(alr, CPU, m) {
-  using Ops = ops::TypedOps<CpuImpl>;
+  using Ops = ops::TypedOps<&hypergrad_stats, &update>;
   m.impl("grad_stats", &grad_stats_cpu);
   m.impl("adam_hypergrad_stats", &Ops::adam_hypergrad_stats);
   m.impl("sgd_hypergrad_stats", &Ops::sgd_hypergrad_stats);

@@ -309,17 +309,8 @@ Tensor grad_stats_cuda(TensorList grads, const std::optional<Tensor>& grad_scale
   return sum_partials(partials, numels, kGradStats, /*last_is_count=*/true);
 }
 
-// The two implementations behind the typed ops (ops::TypedOps in op_inputs.h).
-struct CudaImpl {
-  static Tensor hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
-                                const State& st, const std::optional<Tensor>& grad_scale,
-                                const std::optional<Tensor>& clip_coef);
-  static Tensor update(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
-                       const Tensor& alphas, const std::optional<Tensor>& grad_scale,
-                       const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip, bool collect_stats);
-};
-
-Tensor CudaImpl::hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
+// The statistics-only implementation behind the typed *_hypergrad_stats ops (op_inputs.h).
+Tensor hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
                                  const State& st, const std::optional<Tensor>& grad_scale,
                                  const std::optional<Tensor>& clip_coef) {
   check_params(params, "params");
@@ -335,7 +326,8 @@ Tensor CudaImpl::hypergrad_stats(const Hyper& h, TensorList params, TensorList g
   return step_call(h, variant, params, grads, steps, st, scalars, Mode::kStatsOnly);
 }
 
-Tensor CudaImpl::update(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
+// The implementation behind the typed *_update_ ops (op_inputs.h).
+Tensor update(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
                         const Tensor& alphas, const std::optional<Tensor>& grad_scale,
                         const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip,
                         bool collect_stats) {
@@ -368,7 +360,7 @@ Tensor CudaImpl::update(const Hyper& h, TensorList params, TensorList grads, Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(alr, CUDA, m) {
-  using Ops = ops::TypedOps<CudaImpl>;
+  using Ops = ops::TypedOps<&hypergrad_stats, &update>;
   m.impl("grad_stats", &grad_stats_cuda);
   m.impl("adam_hypergrad_stats", &Ops::adam_hypergrad_stats);
   m.impl("sgd_hypergrad_stats", &Ops::sgd_hypergrad_stats);
