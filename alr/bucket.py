@@ -7,9 +7,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .algorithms import MASTER_PARAM, ROUNDING_KEY, GroupHyper
+from .algorithms import GRAD_STATS, HYPERGRAD_STATS, MASTER_PARAM, ROUNDING_KEY, GroupHyper
 
-__all__ = ["Bucket", "GroupHyper", "host_to_device", "is_dense"]
+__all__ = ["Bucket", "GroupHyper", "STAT_FIELDS", "GRAD_STAT_FIELDS", "host_to_device", "is_dense"]
+
+GRAD_STAT_FIELDS = GRAD_STATS
+"""Columns of the per-tensor gradient statistics a backend returns (see ``grad_stats``)."""
+
+STAT_FIELDS = HYPERGRAD_STATS
+"""Columns of the per-tensor hypergradient statistics: ``g·d_prev``, ``g·g``, ``d_prev·d_prev``."""
 
 
 def is_dense(t: Tensor) -> bool:
