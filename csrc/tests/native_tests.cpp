@@ -225,8 +225,23 @@ void test_element_math() {
     const float rv = v * s.beta2 + (s.one_minus_beta2 * g) * g;
     const float rvmax = std::max(vmax, rv);
     rp = rp + (rm * s.neg_step_size) / (std::sqrt(rvmax) / s.bias_correction2_sqrt + s.eps);
+    const float p0 = p, m0 = m, v0 = v, vmax0 = vmax;
     math::adam_update<true>(p, m, v, vmax, g, s);
     CHECK(same_bits(p, rp) && same_bits(m, rm) && same_bits(v, rv) && same_bits(vmax, rvmax), "adam step %d", i);
+
+    // amsgrad selected at run time gives the same bits; without it v̂ receives the new v.
+    for (const bool amsgrad : {false, true}) {
+      float fp = p0, fm = m0, fv = v0, fvmax = vmax0;
+      float sp = p0, sm = m0, sv = v0, svmax = amsgrad ? vmax0 : v0;
+      if (amsgrad) {
+        math::adam_update<true>(fp, fm, fv, fvmax, g, s);
+      } else {
+        math::adam_update<false>(fp, fm, fv, fvmax, g, s);
+      }
+      math::adam_update_select_amsgrad(amsgrad, sp, sm, sv, svmax, g, s);
+      CHECK(same_bits(sp, fp) && same_bits(sm, fm) && same_bits(sv, fv) && same_bits(svmax, amsgrad ? fvmax : fv),
+            "adam step %d with amsgrad %d selected", i, static_cast<int>(amsgrad));
+    }
   }
 
   // The rearranged d_{t-1} stays within a few ulp of the reference's two-division form.
@@ -327,9 +342,14 @@ void check_adam(const KernelTable& table, int64_t n) {
       for (int mode = 0; mode < kNumModes; ++mode) {
         const bool coupled = (scale + amsgrad + mode) % 2 == 0;
         AdamArrays<S> got(n, 7), want(n, 7);
-        const AdamArgs a = got.args(coupled);
+        AdamArgs a = got.args(coupled);
+        a.mode = static_cast<Mode>(mode);
+        a.amsgrad = amsgrad != 0;
+        a.max_exp_avg_sq = amsgrad ? got.vmax.data() : got.v.data();  // as the op layer passes them
+        a.grad.has_scale = scale != 0;
+        a.grad.grad_scale = scale ? 8.0 : 1.0;
         double stats[kHypergradStats] = {0, 0, 0};
-        table.adam[kDtype][scale][amsgrad][mode](a, 0, n, stats);
+        table.adam[kDtype](a, 0, n, stats);
         double dot = 0, gg = 0, dd = 0;
         math::AdamScalars<T> s;
         s.decay_factor = static_cast<T>(a.decay_factor);
@@ -410,8 +430,12 @@ void check_sgd(const KernelTable& table, int64_t n) {
           const bool nesterov = momentum && (scale + mode) % 2 == 0;
           SgdArrays<S> got(n, 11), want(n, 11);
           SgdArgs a{};
+          a.mode = static_cast<Mode>(mode);
+          a.momentum_enabled = momentum != 0;
+          a.store_prev = store_prev != 0;
           a.grad.grad = got.g.data();
-          a.grad.grad_scale = 4.0;
+          a.grad.has_scale = scale != 0;
+          a.grad.grad_scale = scale ? 4.0 : 1.0;
           a.grad.grad_mult = 0.8;
           a.grad.weight_decay = 0.05;
           a.grad.coupled_decay = (mode % 2) == 0;
@@ -423,7 +447,7 @@ void check_sgd(const KernelTable& table, int64_t n) {
           a.nesterov = nesterov;
           a.neg_lr = -0.01;
           double stats[kHypergradStats] = {0, 0, 0};
-          table.sgd[kDtype][scale][momentum][store_prev][mode](a, 0, n, stats);
+          table.sgd[kDtype](a, 0, n, stats);
           const math::SgdScalars<T> s{T(0.9), T(0.7), nesterov, T(-0.01)};
           double dot = 0, gg = 0, dd = 0;
           for (int64_t i = 0; i < n; ++i) {
@@ -475,9 +499,10 @@ void check_grad_stats(const KernelTable& table, int64_t n) {
   for (int scale = 0; scale < 2; ++scale) {
     GradArgs a{};
     a.grad = g.data();
-    a.grad_scale = 16.0;
+    a.has_scale = scale != 0;
+    a.grad_scale = scale ? 16.0 : 1.0;
     double stats[kGradStats];
-    table.grad_stats[kDtype][scale](a, 0, n, stats);
+    table.grad_stats[kDtype](a, 0, n, stats);
     double sum = 0;
     for (int64_t i = 0; i < n; ++i) {
       T x = math::load(&g[i]);
@@ -496,7 +521,7 @@ void check_grad_stats(const KernelTable& table, int64_t n) {
           std::vector<S> h = g;
           h[where] = from_float<S>(bad);
           a.grad = h.data();
-          table.grad_stats[kDtype][scale](a, 0, n, stats);
+          table.grad_stats[kDtype](a, 0, n, stats);
           CHECK(stats[1] == 1.0, "%s nonfinite at %lld not flagged", table.isa, static_cast<long long>(where));
         }
       }
@@ -528,6 +553,13 @@ void test_kernels() {
   }
 }
 
+AdamArgs amsgrad_update_stats(AdamArgs a) {
+  a.mode = Mode::kUpdateStats;
+  a.amsgrad = true;
+  a.grad.has_scale = true;
+  return a;
+}
+
 // Every instruction set gives the same bits, elements and statistics alike; and splitting a
 // tensor into segments changes no element.
 void test_isa_and_segment_invariance() {
@@ -539,10 +571,10 @@ void test_isa_and_segment_invariance() {
       continue;
     }
     AdamArrays<float> arrays(n, 21);
-    const AdamArgs a = arrays.args(false);
+    const AdamArgs a = amsgrad_update_stats(arrays.args(false));
     std::vector<double> slots(2 * kHypergradStats);
-    kernel_table(isa).adam[0][1][1][static_cast<int>(Mode::kUpdateStats)](a, 0, 3000, &slots[0]);
-    kernel_table(isa).adam[0][1][1][static_cast<int>(Mode::kUpdateStats)](a, 3000, n, &slots[3]);
+    kernel_table(isa).adam[0](a, 0, 3000, &slots[0]);
+    kernel_table(isa).adam[0](a, 3000, n, &slots[3]);
     std::vector<float> all = arrays.p;
     all.insert(all.end(), arrays.m.begin(), arrays.m.end());
     all.insert(all.end(), arrays.v.begin(), arrays.v.end());
@@ -552,7 +584,7 @@ void test_isa_and_segment_invariance() {
 
     AdamArrays<float> whole(n, 21);
     double one[kHypergradStats];
-    kernel_table(isa).adam[0][1][1][static_cast<int>(Mode::kUpdateStats)](whole.args(false), 0, n, one);
+    kernel_table(isa).adam[0](amsgrad_update_stats(whole.args(false)), 0, n, one);
     CHECK(equal_bytes(whole.p, arrays.p) && equal_bytes(whole.m, arrays.m) && equal_bytes(whole.v, arrays.v),
           "%s: segment split changed elements", isa_name(isa));
   }
@@ -597,6 +629,8 @@ void test_stochastic_rounding_kernel() {
     std::vector<bf16_t> p = p0;
     std::vector<float> b = b0;
     SgdArgs a{};
+    a.mode = Mode::kUpdate;
+    a.momentum_enabled = true;
     a.grad.grad = g.data();
     a.grad.grad_scale = 1.0;
     a.grad.grad_mult = 1.0;
@@ -606,7 +640,7 @@ void test_stochastic_rounding_kernel() {
     a.momentum = 0.9;
     a.damp_weight = 1.0;
     a.neg_lr = -0.01;
-    const SgdKernel kernel = kernel_table(isa).sgd[variant][0][1][0][static_cast<int>(Mode::kUpdate)];
+    const SgdKernel kernel = kernel_table(isa).sgd[variant];
     kernel(a, 0, 1234, nullptr);
     kernel(a, 1234, n, nullptr);
     CHECK(equal_bytes(p, want), "%s: stochastic rounding differs from the scalar stream", isa_name(isa));
