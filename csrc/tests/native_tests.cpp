@@ -1,7 +1,8 @@
 // Native tests of the CPU kernels without Python or torch: the element math of alr_math.h,
-// the 16-bit conversions, every kernel variant on plain arrays (against a scalar loop over
-// alr_math.h and across instruction sets) and the multi-tensor work plan, including
-// tensors of more than 2^31 elements (planned, never allocated). Also the host side of
+// the 16-bit conversions, the kernels on plain arrays (torch.optim's storage variants
+// against a scalar loop over alr_math.h, every variant and run-time flag across instruction
+// sets) and the multi-tensor work plan, including tensors of more than 2^31 elements
+// (planned, never allocated). Also the host side of
 // the CUDA multi-tensor apply (csrc/cuda/multi_tensor.h): how chunks are packed into
 // launches and statistics rows, which needs no GPU.
 //
@@ -594,6 +595,139 @@ void test_isa_and_segment_invariance() {
   }
 }
 
+// n elements of `dtype` holding `values` rounded to it, as raw bytes (8 per element, enough
+// for any dtype).
+std::vector<unsigned char> storage_of(Dtype dtype, const std::vector<double>& values) {
+  std::vector<unsigned char> bytes(values.size() * 8);
+  for (size_t i = 0; i < values.size(); ++i) {
+    switch (dtype) {
+      case Dtype::kFloat:
+        reinterpret_cast<float*>(bytes.data())[i] = from_float<float>(values[i]);
+        break;
+      case Dtype::kDouble:
+        reinterpret_cast<double*>(bytes.data())[i] = values[i];
+        break;
+      case Dtype::kBFloat16:
+        reinterpret_cast<bf16_t*>(bytes.data())[i] = from_float<bf16_t>(values[i]);
+        break;
+      case Dtype::kHalf:
+        reinterpret_cast<fp16_t*>(bytes.data())[i] = from_float<fp16_t>(values[i]);
+        break;
+    }
+  }
+  return bytes;
+}
+
+// The streams of one call of any variant: parameter, gradient, master copy, four state tensors.
+struct VariantArrays {
+  std::vector<unsigned char> p, g, master, s0, s1, s2, s3;
+  VariantArrays(const Variant& v, int64_t n) {
+    std::mt19937 rng(3);
+    std::normal_distribution<double> normal;
+    auto values = [&](double scale, bool positive) {
+      std::vector<double> x(n);
+      for (double& e : x) {
+        e = positive ? std::fabs(normal(rng)) * scale : normal(rng) * scale;
+      }
+      return x;
+    };
+    p = storage_of(v.param, values(1, false));
+    g = storage_of(v.param, values(0.1, false));
+    master = storage_of(Dtype::kFloat, values(1, false));
+    s0 = storage_of(v.state, values(0.01, false));
+    s1 = storage_of(v.state, values(1e-3, true));
+    s2 = storage_of(v.state, values(1e-3, true));
+    s3 = storage_of(v.state, values(0.1, false));
+  }
+  std::vector<unsigned char> all() const {
+    std::vector<unsigned char> out;
+    for (const auto* part : {&p, &master, &s0, &s1, &s2, &s3}) {
+      out.insert(out.end(), part->begin(), part->end());
+    }
+    return out;
+  }
+};
+
+// Every variant's Adam and SGD kernels, in every mode and for every run-time flag, give the
+// same bits (elements and statistics) on every instruction set.
+void test_every_variant_across_isas() {
+  const int64_t n = 1000;
+  for (int variant = 0; variant < kNumVariants; ++variant) {
+    const Variant& v = kVariants[variant];
+    for (int mode = 0; mode < kNumModes; ++mode) {
+      if (mode == static_cast<int>(Mode::kStatsOnly) && v.write == ParamWrite::kStochastic) {
+        continue;  // the op layer reads stochastic-rounding parameters as stored (variant kNearest)
+      }
+      for (int flags = 0; flags < 8; ++flags) {
+        const bool first = flags & 1, second = (flags & 2) != 0, scale = (flags & 4) != 0;
+        std::vector<std::vector<unsigned char>> results;
+        std::vector<std::vector<double>> stats;
+        for (Isa isa : {Isa::kDefault, Isa::kAvx2, Isa::kAvx512}) {
+          if (!isa_supported(isa)) {
+            continue;
+          }
+          for (int algorithm = 0; algorithm < 2; ++algorithm) {
+            VariantArrays x(v, n);
+            GradArgs grad{};
+            grad.grad = x.g.data();
+            grad.has_scale = scale;
+            grad.grad_scale = scale ? 4.0 : 1.0;
+            grad.grad_mult = -0.5;
+            grad.weight_decay = 0.01;
+            grad.coupled_decay = second;
+            ParamArgs param{};
+            param.param = x.p.data();
+            param.master = reinterpret_cast<float*>(x.master.data());
+            param.rounding_stream = 77;
+            std::vector<double> slots(kHypergradStats, 0.0);
+            if (algorithm == 0) {
+              AdamArgs a{};
+              a.mode = static_cast<Mode>(mode);
+              a.amsgrad = first;
+              a.grad = grad;
+              a.param = param;
+              a.exp_avg = x.s0.data();
+              a.exp_avg_sq = x.s1.data();
+              a.max_exp_avg_sq = first ? x.s2.data() : x.s1.data();
+              a.decay_factor = 1 - 1e-5;
+              a.lerp_weight = 0.1;
+              a.beta2 = 0.999;
+              a.one_minus_beta2 = 1 - 0.999;
+              a.eps = 1e-8;
+              a.bias_correction2_sqrt = 0.3;
+              a.neg_step_size = -1e-3 / 0.2;
+              a.prev_direction_scale = 0.25 / 0.15;
+              a.prev_direction_eps = 1e-8 * 0.25;
+              kernel_table(isa).adam[variant](a, 0, n, slots.data());
+            } else {
+              SgdArgs a{};
+              a.mode = static_cast<Mode>(mode);
+              a.momentum_enabled = first;
+              a.store_prev = second;
+              a.grad = grad;
+              a.param = param;
+              a.momentum_buffer = x.s0.data();
+              a.prev_direction = x.s3.data();
+              a.momentum = 0.9;
+              a.damp_weight = 0.7;
+              a.neg_lr = -0.01;
+              a.nesterov = scale;
+              kernel_table(isa).sgd[variant](a, 0, n, slots.data());
+            }
+            results.push_back(x.all());
+            stats.push_back(slots);
+          }
+        }
+        for (size_t k = 2; k < results.size(); ++k) {
+          CHECK(results[k] == results[k % 2] && stats[k] == stats[k % 2],
+                "variant %d mode %d flags %d: instruction set %zu differs (%s)", variant, mode, flags, k / 2,
+                k % 2 == 0 ? "adam" : "sgd");
+        }
+      }
+    }
+  }
+}
+
 // Stochastic rounding in a kernel (bfloat16 parameters, float32 momentum): each element is
 // float_to_bf16_stochastic of the scalar update with its offset in the tensor as index,
 // whatever the instruction set and however the tensor is cut into segments.
@@ -851,6 +985,7 @@ int main() {
   test_element_math();
   test_kernels();
   test_isa_and_segment_invariance();
+  test_every_variant_across_isas();
   test_stochastic_rounding_kernel();
   test_work_plan();
   test_cuda_launch_packing();
