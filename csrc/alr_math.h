@@ -1,4 +1,4 @@
-// Per-element math of the ALR step, shared by the CPU kernels and (later) the CUDA kernels.
+// Per-element math of the ALR step, shared by the CPU kernels and the CUDA kernels.
 //
 // Everything here is an inline function on scalars, with no dependency on torch, so a
 // kernel for any device can include it: under nvcc the functions are __host__ __device__.
@@ -23,9 +23,9 @@
 // `#pragma GCC optimize("fp-contract=off")`; a CUDA build needs `--fmad=false` or the
 // __fmul_rn/__fadd_rn intrinsics for bit parity with the CPU (not for the tolerances).
 //
-// Scalars such as bias corrections are not computed here: the caller computes them once
-// per tensor in double, exactly like the reference, and rounds them to opmath (float for
-// 16- and 32-bit storage, double for float64).
+// Scalars such as bias corrections are not computed here: step_scalars.h computes them once
+// per tensor in double, exactly like the reference, and the caller rounds them to opmath
+// (float for 16- and 32-bit storage, double for float64).
 #pragma once
 
 #include <cmath>
@@ -255,21 +255,45 @@ struct AdamScalars {
   T neg_step_size;       // -α / (1 - β1^t)
 };
 
+// The decay and the moments of one Adam update of one element (the part before the
+// denominator).
+template <typename T>
+ALR_INLINE void adam_moments(T& param, T& exp_avg, T& exp_avg_sq, T g, const AdamScalars<T>& s) {
+  param = param * s.decay_factor;
+  exp_avg = lerp(exp_avg, g, s.beta1);
+  exp_avg_sq = exp_avg_sq * s.beta2 + (s.one_minus_beta2 * g) * g;
+}
+
+// The rest: param += (m · (-α/bc1)) / (sqrt(v̂) / √bc2 + ε).
+template <typename T>
+ALR_INLINE void adam_step(T& param, T exp_avg, T second_moment, const AdamScalars<T>& s) {
+  const T denom = std::sqrt(second_moment) / s.bias_correction2_sqrt + s.eps;
+  param = param + (exp_avg * s.neg_step_size) / denom;
+}
+
 // One Adam update of one element; m, v and (amsgrad) vmax are the opmath values before the
 // step and receive the values to store. vmax is untouched unless kAmsgrad.
 template <bool kAmsgrad, typename T>
 ALR_INLINE void adam_update(T& param, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq, T g,
                             const AdamScalars<T>& s) {
-  param = param * s.decay_factor;
-  exp_avg = lerp(exp_avg, g, s.beta1);
-  exp_avg_sq = exp_avg_sq * s.beta2 + (s.one_minus_beta2 * g) * g;
+  adam_moments(param, exp_avg, exp_avg_sq, g, s);
   T second_moment = exp_avg_sq;
   if (kAmsgrad) {
     max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq);
     second_moment = max_exp_avg_sq;
   }
-  const T denom = std::sqrt(second_moment) / s.bias_correction2_sqrt + s.eps;
-  param = param + (exp_avg * s.neg_step_size) / denom;
+  adam_step(param, exp_avg, second_moment, s);
+}
+
+// adam_update<amsgrad> with amsgrad a run-time flag, for a vectorized loop: the maximum is
+// computed either way and selected. Without amsgrad vmax receives the new v, so a caller may
+// keep it in v's own storage (load v twice, store it twice). The same bits as adam_update.
+template <typename T>
+ALR_INLINE void adam_update_select_amsgrad(bool amsgrad, T& param, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
+                                           T g, const AdamScalars<T>& s) {
+  adam_moments(param, exp_avg, exp_avg_sq, g, s);
+  max_exp_avg_sq = select(amsgrad, maximum(max_exp_avg_sq, exp_avg_sq), exp_avg_sq);
+  adam_step(param, exp_avg, max_exp_avg_sq, s);
 }
 
 // d_{t-1} for the hypergradient statistics, from the moments before this step:

@@ -9,68 +9,58 @@
 // kernels_avx512.cpp: the same source, kernels_isa.inc, under different GCC target
 // pragmas), and kernel_table() picks the best one the CPU supports at run time. The build
 // flags need not enable AVX; the results are bit-identical across instruction sets.
+// The CPU kernels of the ALR step on raw memory: no torch types, so the native test
+// executable drives them on plain arrays.
+//
+// A kernel processes one segment [begin, end) of one tensor (see multi_tensor.h); the op
+// layer (ops.cpp) prepares one argument record per tensor and runs the segments of a call
+// across threads. Statistics are written to the segment's own slot as doubles.
+//
+// There is one kernel per algorithm and storage variant (csrc/variants.h): everything else
+// about a call (the mode, amsgrad, momentum, storing the previous direction, Nesterov, the
+// GradScaler's division) is a run-time field of the argument record. A kernel resolves
+// those flags once per segment, by branching to an element loop compiled for their values,
+// or applies them per element where that costs (next to) nothing: kernels_isa.inc's
+// kPerElement says which, in one place. Adding a flag adds loops, not kernels, and the
+// table keeps its shape.
+//
+// Each kernel is compiled once per instruction set (kernels_default.cpp, kernels_avx2.cpp,
+// kernels_avx512.cpp: the same source, kernels_isa.inc, under different GCC target
+// pragmas), and kernel_table() picks the best one the CPU supports at run time. The build
+// flags need not enable AVX; the results are bit-identical across instruction sets.
 #pragma once
 
 #include <cstdint>
 
+#include "variants.h"
+
 namespace alr {
 namespace cpu {
 
-enum class Dtype : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3 };
-constexpr int kNumDtypes = 4;
+using alr::Dtype;
+using alr::kNumDtypes;
+using alr::ParamWrite;
+using alr::Variant;
 
-// How a kernel writes the new parameter value p (opmath): rounded to nearest; into the
-// float32 master copy, which it also reads instead of the parameter, and its image rounded
-// to nearest into the parameter; or rounded stochastically to bfloat16.
-enum class ParamWrite : int { kNearest = 0, kMaster = 1, kStochastic = 2 };
-
-// A storage combination with kernels: the parameters' dtype (the gradients have it too),
-// the state's dtype and the parameter write.
-struct Variant {
-  Dtype param;
-  Dtype state;
-  ParamWrite write;
-};
-
-// Every combination the optimizer's options produce (state_dtype is float32 or bfloat16, so
-// float16 masters always come with another state dtype). The first kNumDtypes are
-// torch.optim's own (state in the parameters' dtype), in Dtype order, so that for them the
-// variant index is the dtype.
-constexpr Variant kVariants[] = {
-    {Dtype::kFloat, Dtype::kFloat, ParamWrite::kNearest},
-    {Dtype::kDouble, Dtype::kDouble, ParamWrite::kNearest},
-    {Dtype::kBFloat16, Dtype::kBFloat16, ParamWrite::kNearest},
-    {Dtype::kHalf, Dtype::kHalf, ParamWrite::kNearest},
-    {Dtype::kFloat, Dtype::kBFloat16, ParamWrite::kNearest},
-    {Dtype::kDouble, Dtype::kFloat, ParamWrite::kNearest},
-    {Dtype::kDouble, Dtype::kBFloat16, ParamWrite::kNearest},
-    {Dtype::kBFloat16, Dtype::kFloat, ParamWrite::kNearest},
-    {Dtype::kBFloat16, Dtype::kFloat, ParamWrite::kMaster},
-    {Dtype::kBFloat16, Dtype::kBFloat16, ParamWrite::kMaster},
-    {Dtype::kBFloat16, Dtype::kFloat, ParamWrite::kStochastic},
-    {Dtype::kBFloat16, Dtype::kBFloat16, ParamWrite::kStochastic},
-    {Dtype::kHalf, Dtype::kFloat, ParamWrite::kNearest},
-    {Dtype::kHalf, Dtype::kBFloat16, ParamWrite::kNearest},
-    {Dtype::kHalf, Dtype::kFloat, ParamWrite::kMaster},
-    {Dtype::kHalf, Dtype::kBFloat16, ParamWrite::kMaster},
-};
+// The CPU has kernels for every storage variant. The first kNumDtypes are torch.optim's
+// own, in Dtype order, so that for them the variant index is the dtype.
+inline constexpr const auto& kVariants = kStorageVariants;
 constexpr int kNumVariants = static_cast<int>(sizeof(kVariants) / sizeof(kVariants[0]));
+static_assert(index_of_variant(kStorageVariants, Variant{Dtype::kHalf, Dtype::kHalf, ParamWrite::kNearest}) ==
+                  static_cast<int>(Dtype::kHalf),
+              "torch.optim's variants come first, in Dtype order");
 
 // The index of a combination in kVariants, or -1.
 constexpr int variant_index(Dtype param, Dtype state, ParamWrite write) {
-  for (int v = 0; v < kNumVariants; ++v) {
-    if (kVariants[v].param == param && kVariants[v].state == state && kVariants[v].write == write) {
-      return v;
-    }
-  }
-  return -1;
+  return index_of_variant(kVariants, Variant{param, state, write});
 }
 
 enum class Isa : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr int kNumIsas = 3;
 
-// What a kernel does: update in place, update and gather the hypergradient statistics
-// against the state before the update, or only gather them (read-only).
+// What a kernel does (a run-time field of its arguments): update in place, update and
+// gather the hypergradient statistics against the state before the update, or only gather
+// them (read-only: a stochastic-rounding variant then reads its parameters as stored).
 enum class Mode : int { kUpdate = 0, kUpdateStats = 1, kStatsOnly = 2 };
 constexpr int kNumModes = 3;
 
@@ -83,7 +73,8 @@ constexpr int kGradStats = 2;
 // converts them to its opmath type (float, or double for float64 storage) once per call.
 struct GradArgs {
   const void* grad;
-  double grad_scale;    // divides the gradient (read only by grad_scale variants)
+  bool has_scale;       // a GradScaler's scale divides the gradient
+  double grad_scale;    // the scale (1 without one: the kernels may divide by it anyway)
   double grad_mult;     // ±clip coefficient, or ±1: maximize and clipping in one product
   double weight_decay;  // λ of coupled decay
   bool coupled_decay;   // g += λ·p (Adam with L2 decay, SGD)
@@ -97,11 +88,15 @@ struct ParamArgs {
 };
 
 struct AdamArgs {
+  Mode mode;
+  bool amsgrad;  // v̂ = max(v̂, v) in max_exp_avg_sq replaces v in the denominator
   GradArgs grad;
   ParamArgs param;
   void* exp_avg;
   void* exp_avg_sq;
-  void* max_exp_avg_sq;  // amsgrad variants only
+  // amsgrad's v̂; without amsgrad exp_avg_sq itself (a kernel that selects amsgrad per
+  // element reads and writes v through it too: see kernels_isa.inc kPerElement).
+  void* max_exp_avg_sq;
   double decay_factor;   // 1 - α·λ (decoupled decay), else 1
   double lerp_weight;    // 1 - β1
   double beta2;
@@ -115,11 +110,17 @@ struct AdamArgs {
   double prev_direction_eps;
 };
 
+// d_{t-1} of the statistics is read from prev_direction when store_prev, else it is the
+// momentum buffer before the update (in Mode::kStatsOnly momentum_buffer is read for it even
+// without momentum), else 0.
 struct SgdArgs {
+  Mode mode;
+  bool momentum_enabled;  // μ != 0: b = μ·b + w·g in momentum_buffer
+  bool store_prev;        // d_t goes to prev_direction (which holds d_{t-1})
   GradArgs grad;
   ParamArgs param;
-  void* momentum_buffer;  // momentum variants
-  void* prev_direction;   // store-prev variants: receives d_t (and holds d_{t-1})
+  void* momentum_buffer;
+  void* prev_direction;
   double momentum;
   double damp_weight;     // w of b = μ·b + w·g (1 without dampening and on the first step)
   double neg_lr;          // -α
@@ -130,19 +131,11 @@ using AdamKernel = void (*)(const AdamArgs& args, int64_t begin, int64_t end, do
 using SgdKernel = void (*)(const SgdArgs& args, int64_t begin, int64_t end, double* stats);
 using GradStatsKernel = void (*)(const GradArgs& args, int64_t begin, int64_t end, double* stats);
 
-// The variants beyond torch.optim's always divide by the scale (by 1 without a GradScaler,
-// which is exact): the [grad_scale] dimension is specialised for the common layouts only,
-// which keeps the number of kernels (and the build time) down.
 struct KernelTable {
   const char* isa;
-  // [variant][grad_scale][amsgrad][mode]
-  AdamKernel adam[kNumVariants][2][2][kNumModes];
-  // [variant][grad_scale][momentum][store_prev][mode]. In kStatsOnly mode (and for the
-  // statistics of kUpdateStats) d_{t-1} is read from prev_direction when store_prev, else
-  // from momentum_buffer; the momentum index is ignored by kStatsOnly.
-  SgdKernel sgd[kNumVariants][2][2][2][kNumModes];
-  // [dtype][grad_scale]
-  GradStatsKernel grad_stats[kNumDtypes][2];
+  AdamKernel adam[kNumVariants];
+  SgdKernel sgd[kNumVariants];
+  GradStatsKernel grad_stats[kNumDtypes];
 };
 
 // The tables each instruction-set translation unit provides; nullptr where that

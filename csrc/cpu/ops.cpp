@@ -3,12 +3,16 @@
 // One call handles one bucket: every tensor of one (device, dtype) of a param group. The
 // host side of the op reads the per-tensor scalars (step counters, effective learning
 // rates, the GradScaler scale, the clip coefficient, the skip flag) from their CPU tensors
-// (no synchronisation: they are CPU tensors), computes the bias corrections in double
-// exactly like alr/reference.py, and builds one argument record per tensor. The elements
-// of all tensors are then cut into segments (multi_tensor.h) that at::parallel_for runs
-// across torch's intra-op threads; each segment writes its partial statistics to its own
-// slot, and the slots are summed per tensor in segment order (deterministic for any
-// number of threads).
+// (no synchronisation: they are CPU tensors), computes the algorithm's per-tensor scalars
+// with csrc/step_scalars.h (in double, exactly like alr/reference.py), and builds one
+// argument record per tensor. The elements of all tensors are then cut into segments
+// (multi_tensor.h) that at::parallel_for runs across torch's intra-op threads; each segment
+// writes its partial statistics to its own slot, and the slots are summed per tensor in
+// segment order (deterministic for any number of threads).
+//
+// One driver (run_step) does this for every algorithm: an algorithm brings its kernel and
+// a builder of its per-tensor argument record (AdamTensors, SgdTensors), which stages its
+// state tensors and fills in its scalars.
 //
 // Layouts. A tensor is processed as flat memory when it is dense and non-overlapping and
 // every tensor at its position (grad, state) has the same layout (strides of size-1
@@ -42,6 +46,7 @@
 #include "cpu/kernels.h"
 #include "cpu/multi_tensor.h"
 #include "op_inputs.h"
+#include "step_scalars.h"
 
 namespace alr {
 namespace cpu {
@@ -128,8 +133,9 @@ void increment_steps(TensorList steps) {
 }
 
 
-GradArgs grad_args(const Hyper& h, double grad_scale, double clip, Dtype d) {
+GradArgs grad_args(const Hyper& h, double grad_scale, bool has_scale, double clip, Dtype d) {
   GradArgs g{};
+  g.has_scale = has_scale;
   g.grad_scale = to_opmath(grad_scale, d);
   // -(g·c) == g·(-c) exactly, and g·1 == g: maximize and clipping fold into one factor.
   g.grad_mult = to_opmath(clip, d) * (h.maximize ? -1.0 : 1.0);
@@ -167,33 +173,6 @@ ParamArgs param_args(const Tensor& ref, const Tensor& step_counter, const State&
   }
   return a;
 }
-
-// Bias corrections for one step count, as the reference computes them from the float64
-// step tensor; consecutive tensors usually share the step, so the last one is reused.
-struct Corrections {
-  double step = -1;
-  double bc1 = 0, bc2_sqrt = 0, prev_bc1 = 0, prev_bc2_sqrt = 0;
-
-  void update(double step_before, double beta1, double beta2) {
-    if (step_before == step) {
-      return;
-    }
-    step = step_before;
-    const double t = step_before + 1;
-    bc1 = 1 - std::pow(beta1, t);
-    bc2_sqrt = std::sqrt(1 - std::pow(beta2, t));
-    // At step 0 the moments are zero; clamping keeps the corrections finite (d_0 = 0).
-    const double prev = step_before < 1 ? 1 : step_before;
-    prev_bc1 = 1 - std::pow(beta1, prev);
-    prev_bc2_sqrt = std::sqrt(1 - std::pow(beta2, prev));
-  }
-};
-
-// Everything one multi-tensor call needs after validation.
-struct Call {
-  std::vector<int64_t> numels;
-  Staging staging;
-};
 
 template <typename Args, typename Kernel>
 void run(const WorkPlan& plan, const std::vector<Args>& args, Kernel kernel, double* slots, int width) {
@@ -237,119 +216,170 @@ Tensor grad_stats_cpu(TensorList grads, const std::optional<Tensor>& grad_scale)
   const Dtype d = check_params(grads);
   const bool has_scale = grad_scale.has_value();
   const double scale = has_scale ? scalar_value(*grad_scale, "grad_scale") : 1.0;
-  Call call;
+  Staging staging;
+  std::vector<int64_t> numels(n);
   std::vector<GradArgs> args(n);
-  call.numels.resize(n);
   for (const auto i : c10::irange(n)) {
     const Tensor& g = grads[i];
-    call.numels[i] = g.numel();
+    numels[i] = g.numel();
     if (g.numel() == 0) {
       continue;
     }
     // A reduction reads memory in any order: only dense storage is needed.
-    const Tensor& work = call.staging.reference(g, /*mutated=*/false);
+    const Tensor& work = staging.reference(g, /*mutated=*/false);
     args[i].grad = work.const_data_ptr();
+    args[i].has_scale = has_scale;
     args[i].grad_scale = to_opmath(scale, d);
   }
-  const WorkPlan plan = plan_work(call.numels.data(), n);
+  const WorkPlan plan = plan_work(numels.data(), n);
   std::vector<double> slots(plan.segments.size() * kGradStats);
-  run(plan, args, table().grad_stats[static_cast<int>(d)][has_scale], slots.data(), kGradStats);
+  run(plan, args, table().grad_stats[static_cast<int>(d)], slots.data(), kGradStats);
   return reduce_slots(plan, slots, n, kGradStats, /*last_is_flag=*/true);
 }
 
-// --- update_ and hypergrad_stats -----------------------------------------------------------------
+// --- update_ and hypergrad_stats: the step driver ------------------------------------------------
 
-// Builds the kernel arguments of every tensor (staging layouts as needed) and runs `mode`.
-// Returns the [n, 3] statistics (undefined tensor for Mode::kUpdate).
-Tensor adam_call(const Hyper& h, Dtype d, int variant, TensorList params, TensorList grads, TensorList steps,
-                 const State& st, const double* alphas, double grad_scale, bool has_scale, double clip,
-                 Mode mode) {
-  const int64_t n = static_cast<int64_t>(params.size());
-  const bool write = mode != Mode::kStatsOnly;
-  Call call;
-  call.numels.resize(n);
-  std::vector<AdamArgs> args(n);
-  const GradArgs common = grad_args(h, grad_scale, clip, d);
-  Corrections corr;
+// The inputs of one step call of either algorithm, after validation.
+struct StepInputs {
+  const Hyper& h;
+  Dtype dtype;
+  int variant;
+  TensorList params, grads, steps;
+  const State& st;
+  const double* alphas;  // float64 [n] effective learning rates; nullptr for Mode::kStatsOnly
+  double grad_scale;     // 1 without a GradScaler
+  bool has_scale;
+  double clip;           // 1 without clipping
+  Mode mode;
+};
+
+// Stages the tensors of one position to the layout of its parameter (Staging) and hands the
+// kernels their data pointers.
+class TensorStager {
+ public:
+  TensorStager(Staging& staging, const Tensor& ref, bool write) : staging_(staging), ref_(ref), write_(write) {}
+  // The data pointer of `t` in ref's layout; copied back after the call if the step writes
+  // it (mutated) and writes at all (not Mode::kStatsOnly).
+  void* operator()(const Tensor& t, bool mutated) const {
+    return staging_.stage(t, ref_, write_ && mutated).data_ptr();
+  }
+
+ private:
+  Staging& staging_;
+  const Tensor& ref_;
+  bool write_;
+};
+
+// The one driver of every algorithm: builds the argument record of each non-empty tensor
+// (the parameter, the gradient and GradArgs here; the algorithm's state and scalars by
+// `tensors.fill(args, i, stage, step_before, alpha)`), runs `kernel` over the segments of
+// all tensors, copies staged tensors back and returns the [n, 3] statistics (an undefined
+// tensor for Mode::kUpdate).
+template <typename Args, typename Tensors>
+Tensor run_step(const StepInputs& in, void (*kernel)(const Args&, int64_t, int64_t, double*), Tensors& tensors) {
+  const int64_t n = static_cast<int64_t>(in.params.size());
+  const bool write = in.mode != Mode::kStatsOnly;
+  Staging staging;
+  std::vector<int64_t> numels(n);
+  std::vector<Args> args(n);
+  const GradArgs common = grad_args(in.h, in.grad_scale, in.has_scale, in.clip, in.dtype);
   for (const auto i : c10::irange(n)) {
-    const Tensor& p = params[i];
-    call.numels[i] = p.numel();
+    const Tensor& p = in.params[i];
+    numels[i] = p.numel();
     if (p.numel() == 0) {
       continue;
     }
-    AdamArgs& a = args[i];
-    const Tensor& ref = call.staging.reference(p, write);
-    a.param = param_args(ref, steps[i], st, i, call.staging, write);
+    Args& a = args[i];
+    const Tensor& ref = staging.reference(p, write);
+    a.mode = in.mode;
+    a.param = param_args(ref, in.steps[i], in.st, i, staging, write);
     a.grad = common;
-    a.grad.grad = call.staging.stage(grads[i], ref, false).const_data_ptr();
-    a.exp_avg = call.staging.stage(st.exp_avgs[i], ref, write).data_ptr();
-    a.exp_avg_sq = call.staging.stage(st.exp_avg_sqs[i], ref, write).data_ptr();
-    a.max_exp_avg_sq = h.amsgrad ? call.staging.stage(st.max_exp_avg_sqs[i], ref, write).data_ptr() : nullptr;
-
-    corr.update(step_value(steps[i], i), h.beta1, h.beta2);
-    const double alpha = alphas != nullptr ? alphas[i] : 0.0;
-    const bool decoupled = h.weight_decay != 0 && h.decoupled_weight_decay;
-    a.decay_factor = decoupled ? to_opmath(1 - alpha * h.weight_decay, d) : 1.0;
-    a.lerp_weight = to_opmath(1 - h.beta1, d);
-    a.beta2 = to_opmath(h.beta2, d);
-    a.one_minus_beta2 = to_opmath(1 - h.beta2, d);
-    a.eps = to_opmath(h.eps, d);
-    a.bias_correction2_sqrt = to_opmath(corr.bc2_sqrt, d);
-    a.neg_step_size = to_opmath(-alpha / corr.bc1, d);
-    a.prev_direction_scale = to_opmath(corr.prev_bc2_sqrt / corr.prev_bc1, d);
-    a.prev_direction_eps = to_opmath(h.eps * corr.prev_bc2_sqrt, d);
+    a.grad.grad = staging.stage(in.grads[i], ref, false).const_data_ptr();
+    const double alpha = in.alphas != nullptr ? in.alphas[i] : 0.0;
+    tensors.fill(a, i, TensorStager(staging, ref, write), step_value(in.steps[i], i), alpha);
   }
-  const WorkPlan plan = plan_work(call.numels.data(), n);
-  std::vector<double> slots(mode == Mode::kUpdate ? 0 : plan.segments.size() * kHypergradStats);
-  run(plan, args, table().adam[variant][has_scale][h.amsgrad][static_cast<int>(mode)], slots.data(),
-      kHypergradStats);
-  call.staging.finish();
-  return mode == Mode::kUpdate ? Tensor() : reduce_slots(plan, slots, n, kHypergradStats, false);
+  const WorkPlan plan = plan_work(numels.data(), n);
+  std::vector<double> slots(in.mode == Mode::kUpdate ? 0 : plan.segments.size() * kHypergradStats);
+  run(plan, args, kernel, slots.data(), kHypergradStats);
+  staging.finish();
+  return in.mode == Mode::kUpdate ? Tensor() : reduce_slots(plan, slots, n, kHypergradStats, false);
 }
 
-Tensor sgd_call(const Hyper& h, Dtype d, int variant, TensorList params, TensorList grads, TensorList steps,
-                const State& st, const double* alphas, double grad_scale, bool has_scale, double clip,
-                Mode mode) {
-  const int64_t n = static_cast<int64_t>(params.size());
-  const bool write = mode != Mode::kStatsOnly;
-  const bool momentum = h.momentum != 0;
-  const bool store_prev = h.needs_prev_direction;
-  // What the kernel reads as the momentum buffer: the buffer itself, or (statistics only,
-  // heavy-ball momentum) the source of d_{t-1}.
-  const bool read_buffer = write ? momentum : !store_prev;
-  Call call;
-  call.numels.resize(n);
-  std::vector<SgdArgs> args(n);
-  const GradArgs common = grad_args(h, grad_scale, clip, d);
-  for (const auto i : c10::irange(n)) {
-    const Tensor& p = params[i];
-    call.numels[i] = p.numel();
-    if (p.numel() == 0) {
-      continue;
-    }
-    SgdArgs& a = args[i];
-    const Tensor& ref = call.staging.reference(p, write);
-    a.param = param_args(ref, steps[i], st, i, call.staging, write);
-    a.grad = common;
-    a.grad.grad = call.staging.stage(grads[i], ref, false).const_data_ptr();
-    a.momentum_buffer =
-        read_buffer ? call.staging.stage(st.momentum_buffers[i], ref, write && momentum).data_ptr() : nullptr;
-    a.prev_direction = store_prev ? call.staging.stage(st.prev_directions[i], ref, write).data_ptr() : nullptr;
-    a.momentum = to_opmath(h.momentum, d);
-    // torch.where(first_step, 1.0, 1.0 - dampening) is a float32 tensor in the reference.
-    const bool first_step = step_value(steps[i], i) == 0;
-    a.damp_weight = (h.dampening == 0 || first_step)
-                        ? 1.0
-                        : to_opmath(static_cast<double>(static_cast<float>(1.0 - h.dampening)), d);
-    a.nesterov = h.nesterov;
-    a.neg_lr = to_opmath(alphas != nullptr ? -alphas[i] : 0.0, d);
+// Adam's per-tensor state and scalars (step_scalars.h), rounded to opmath.
+class AdamTensors {
+ public:
+  explicit AdamTensors(const StepInputs& in) : in_(in) {}
+
+  void fill(AdamArgs& a, int64_t i, const TensorStager& stage, double step_before, double alpha) {
+    const Hyper& h = in_.h;
+    a.amsgrad = h.amsgrad;
+    a.exp_avg = stage(in_.st.exp_avgs[i], true);
+    a.exp_avg_sq = stage(in_.st.exp_avg_sqs[i], true);
+    a.max_exp_avg_sq = h.amsgrad ? stage(in_.st.max_exp_avg_sqs[i], true) : a.exp_avg_sq;
+    const scalars::AdamTensorScalars s = scalars::adam_tensor_scalars(
+        corrections(step_before), alpha, h.eps, h.weight_decay, h.weight_decay != 0 && h.decoupled_weight_decay);
+    a.decay_factor = opmath(s.decay_factor);
+    a.lerp_weight = opmath(1 - h.beta1);
+    a.beta2 = opmath(h.beta2);
+    a.one_minus_beta2 = opmath(1 - h.beta2);
+    a.eps = opmath(h.eps);
+    a.bias_correction2_sqrt = opmath(s.bias_correction2_sqrt);
+    a.neg_step_size = opmath(s.neg_step_size);
+    a.prev_direction_scale = opmath(s.prev_direction_scale);
+    a.prev_direction_eps = opmath(s.prev_direction_eps);
   }
-  const WorkPlan plan = plan_work(call.numels.data(), n);
-  std::vector<double> slots(mode == Mode::kUpdate ? 0 : plan.segments.size() * kHypergradStats);
-  run(plan, args, table().sgd[variant][has_scale][momentum][store_prev][static_cast<int>(mode)],
-      slots.data(), kHypergradStats);
-  call.staging.finish();
-  return mode == Mode::kUpdate ? Tensor() : reduce_slots(plan, slots, n, kHypergradStats, false);
+
+ private:
+  double opmath(double x) const { return to_opmath(x, in_.dtype); }
+
+  // Consecutive tensors usually share the step count: the last corrections are reused.
+  const scalars::AdamCorrections& corrections(double step_before) {
+    if (step_before != cached_step_) {
+      cached_step_ = step_before;
+      cached_ = scalars::adam_corrections(in_.h.beta1, in_.h.beta2, step_before);
+    }
+    return cached_;
+  }
+
+  const StepInputs& in_;
+  double cached_step_ = -1;
+  scalars::AdamCorrections cached_{};
+};
+
+// SGD's per-tensor state and scalars (step_scalars.h), rounded to opmath.
+class SgdTensors {
+ public:
+  explicit SgdTensors(const StepInputs& in) : in_(in) {}
+
+  void fill(SgdArgs& a, int64_t i, const TensorStager& stage, double step_before, double alpha) const {
+    const Hyper& h = in_.h;
+    const bool write = in_.mode != Mode::kStatsOnly;
+    a.momentum_enabled = h.momentum != 0;
+    a.store_prev = h.needs_prev_direction;
+    // Read-only statistics without a stored previous direction take d_{t-1} from the buffer.
+    const bool read_buffer = write ? a.momentum_enabled : !a.store_prev;
+    a.momentum_buffer = read_buffer ? stage(in_.st.momentum_buffers[i], a.momentum_enabled) : nullptr;
+    a.prev_direction = a.store_prev ? stage(in_.st.prev_directions[i], true) : nullptr;
+    const scalars::SgdTensorScalars s = scalars::sgd_tensor_scalars(h.dampening, step_before, alpha);
+    a.momentum = opmath(h.momentum);
+    a.damp_weight = opmath(s.damp_weight);
+    a.nesterov = h.nesterov;
+    a.neg_lr = opmath(s.neg_lr);
+  }
+
+ private:
+  double opmath(double x) const { return to_opmath(x, in_.dtype); }
+
+  const StepInputs& in_;
+};
+
+Tensor step_call(const StepInputs& in) {
+  if (in.h.adam) {
+    AdamTensors tensors(in);
+    return run_step(in, table().adam[in.variant], tensors);
+  }
+  SgdTensors tensors(in);
+  return run_step(in, table().sgd[in.variant], tensors);
 }
 
 // The statistics-only implementation behind the typed *_hypergrad_stats ops (op_inputs.h).
@@ -365,8 +395,8 @@ Tensor hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, Tens
   const bool has_scale = grad_scale.has_value();
   const double scale = has_scale ? scalar_value(*grad_scale, "grad_scale") : 1.0;
   const double clip = clip_coef.has_value() ? scalar_value(*clip_coef, "clip_coef") : 1.0;
-  auto call = h.adam ? adam_call : sgd_call;
-  return call(h, d, variant, params, grads, steps, st, nullptr, scale, has_scale, clip, Mode::kStatsOnly);
+  return step_call(StepInputs{h, d, variant, params, grads, steps, st, nullptr, scale, has_scale, clip,
+                              Mode::kStatsOnly});
 }
 
 // The implementation behind the typed *_update_ ops (op_inputs.h).
@@ -394,9 +424,8 @@ Tensor update(const Hyper& h, TensorList params, TensorList grads, TensorList st
                          : at::empty({0, kHypergradStats}, stats_options);
   }
   const Mode mode = collect_stats ? Mode::kUpdateStats : Mode::kUpdate;
-  auto call = h.adam ? adam_call : sgd_call;
-  Tensor stats =
-      call(h, d, variant, params, grads, steps, st, alphas64.const_data_ptr<double>(), scale, has_scale, clip, mode);
+  Tensor stats = step_call(StepInputs{h, d, variant, params, grads, steps, st, alphas64.const_data_ptr<double>(),
+                                      scale, has_scale, clip, mode});
   increment_steps(steps);
   return collect_stats ? stats : at::empty({0, kHypergradStats}, stats_options);
 }

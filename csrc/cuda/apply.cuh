@@ -1,5 +1,15 @@
-// Device side of the multi-tensor apply: the element loops of one chunk and the
-// deterministic block reduction of its statistics. Included by the kernels' .cu files.
+// The multi-tensor apply: the element loops of one chunk, the deterministic block reduction
+// of its statistics, and the one step kernel (step_kernel) with its launcher, which every
+// algorithm instantiates with its element functor (adam.cu, sgd.cu). Included by the
+// kernels' .cu files.
+//
+// Step kernel. One kernel per algorithm and storage variant (launch.h): a block takes one
+// chunk, its first thread computes the tensor's scalars in double (csrc/step_scalars.h)
+// from the device step counter and κ·lr, the block runs the algorithm's element functor
+// over the chunk and, unless the mode is Mode::kUpdate, stores the chunk's statistics. The
+// mode is a run-time argument: the kernel branches once, outside the element loop, to a
+// loop with or without the statistics; whether the loop writes (not Mode::kStatsOnly, and
+// not a skipped step) is a uniform run-time flag of the loop.
 //
 // Element loop of a step. A chunk of `len` elements is read and written through its
 // StepStreams: the parameter and the gradient in the parameters' storage S, kState state
@@ -26,6 +36,7 @@
 #include <type_traits>
 #include <utility>
 
+#include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
 #include "alr_math.h"
@@ -133,8 +144,9 @@ struct StepStreams {
     return all;
   }
 
-  // Elements [offset, offset + kN): loads, op(x, acc) per element, stores when `write`.
-  template <int kN, typename Op, int kSlots>
+  // Elements [offset, offset + kN): loads, op.apply<kStats>(x, acc, write) per element,
+  // stores when `write`.
+  template <int kN, bool kStats, typename Op, int kSlots>
   __device__ __forceinline__ void step(int offset, bool write, const Op& op, float (&acc)[kSlots]) const {
     Pack<S, kN> p;
     Pack<float, kN> m;
@@ -163,7 +175,7 @@ struct StepStreams {
       for (int k = 0; k < kState; ++k) {
         x[2 + k] = state[k] != nullptr ? math::load(&st[k].v[e]) : 0.0f;
       }
-      op(x, acc);
+      op.template apply<kStats>(x, acc, write);
       if (write) {
         write_param(p.v[e], m.v[e], x[0], static_cast<uint64_t>(begin + offset + e));
         for (int k = 0; k < kState; ++k) {
@@ -218,14 +230,14 @@ __device__ __forceinline__ StepStreams<S, Q, kWrite, kState> step_streams(const 
   return s;
 }
 
-// Runs one step's op over the chunk (see StepStreams); acc accumulates the thread's
-// statistics (kSlots >= 1 slots, which the op may ignore).
-template <typename S, typename Q, ParamWrite kWrite, int kState, int kSlots, typename Op>
+// Runs one step's op over the chunk (see StepStreams); with kStats, acc accumulates the
+// thread's statistics (kSlots slots).
+template <bool kStats, typename S, typename Q, ParamWrite kWrite, int kState, int kSlots, typename Op>
 __device__ __forceinline__ void apply_chunk(const StepStreams<S, Q, kWrite, kState>& streams, int len, bool write,
                                             const Op& op, float (&acc)[kSlots]) {
   constexpr int kWidth = StepStreams<S, Q, kWrite, kState>::kWidth;
   for_each_pack<kWidth>(len, streams.aligned(), [&](int offset, auto width) {
-    streams.template step<decltype(width)::value>(offset, write, op, acc);
+    streams.template step<decltype(width)::value, kStats>(offset, write, op, acc);
   });
 }
 
@@ -326,15 +338,102 @@ __device__ __forceinline__ uint32_t load_rounding_stream(const void* key, double
   return math::rounding_stream(static_cast<uint32_t>(*static_cast<const int64_t*>(key)), static_cast<uint64_t>(t));
 }
 
+// --- The step kernel ------------------------------------------------------------------------
+//
+// An algorithm A (adam.cu's Adam, sgd.cu's Sgd) provides:
+//   A::Hyper           its hyper-parameters (launch.h), with the GradHyper `grad`;
+//   A::kRows, A::kState, A::kStepRow, A::kMasterOrKeyRow   its pointer rows (launch.h): the
+//                      parameter, the gradient, kState state tensors, the master copy or the
+//                      rounding key, the step counter;
+//   A::TensorScalars   per-tensor floats, computed by A::tensor_scalars(hyper, step_before,
+//                      alpha) on the block's first thread;
+//   A::Op              the element functor, A::make_op(hyper, tensor_scalars, grad_transform),
+//                      with `template <bool kStats, int kSlots> void apply(float (&x)[2 + kState],
+//                      float (&acc)[kSlots], bool write) const` (StepStreams says what x holds).
+
+constexpr int kStepStats = 3;  // g·d_{t-1}, g·g, d_{t-1}·d_{t-1}
+
+template <typename A>
+using KernelTableOf = typename TableFor<A::kRows>::type;
+
+template <typename A>
+struct StepKernelArgs {
+  KernelTableOf<A> table;
+  typename A::Hyper hyper;
+  DeviceScalars scalars;
+  Mode mode;
+};
+
+template <typename A, typename S, typename Q, ParamWrite kWrite>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) step_kernel(const __grid_constant__ StepKernelArgs<A> args) {
+  static_assert(A::kMasterOrKeyRow == 2 + A::kState && A::kStepRow == A::kRows - 1,
+                "step_streams reads the rows as parameter, gradient, state, master; the step comes last");
+  const KernelTableOf<A>& t = args.table;
+  const ChunkOf<KernelTableOf<A>> chunk(t);
+  const bool stats = args.mode != Mode::kUpdate;
+  const bool write = args.mode != Mode::kStatsOnly && !skipped(args.scalars.skip);
+  if (!write && !stats) {
+    return;  // a skipped update: the whole block leaves before any barrier
+  }
+  __shared__ typename A::TensorScalars shared;
+  __shared__ uint32_t shared_rounding_stream;
+  if (threadIdx.x == 0) {
+    const double* alphas = args.scalars.alphas;
+    const double alpha = alphas != nullptr ? alphas[t.index[chunk.slot]] : 0.0;
+    const double step = load_step(t.ptrs[A::kStepRow][chunk.slot], args.hyper.grad.steps_double);
+    shared = A::tensor_scalars(args.hyper, step, alpha);
+    if constexpr (kWrite == ParamWrite::kStochastic) {
+      // The key row is null for the read-only statistics (the op layer never sends them here).
+      shared_rounding_stream = args.mode != Mode::kStatsOnly
+                                   ? load_rounding_stream(t.ptrs[A::kMasterOrKeyRow][chunk.slot], step)
+                                   : 0u;
+    }
+  }
+  __syncthreads();
+  const typename A::Op op =
+      A::make_op(args.hyper, shared, grad_transform(args.hyper.grad, args.scalars.grad_scale, args.scalars.clip_coef));
+  const uint32_t rounding_stream = kWrite == ParamWrite::kStochastic ? shared_rounding_stream : 0u;
+  const auto streams = step_streams<S, Q, kWrite, A::kState>(t, chunk, rounding_stream);
+  float acc[kStepStats] = {0.0f, 0.0f, 0.0f};
+  // `stats` is the same for every block of the launch, so the barriers of store_partials are
+  // reached by all threads or by none.
+  if (stats) {
+    apply_chunk<true>(streams, chunk.len, write, op, acc);
+    store_partials(acc, args.scalars.partials, chunk.row);
+  } else {
+    apply_chunk<false>(streams, chunk.len, write, op, acc);
+  }
+}
+
+// Packs the call's tensors into launches of step_kernel<A, S, Q, kWrite> (multi_tensor.h).
+template <typename A, typename S, typename Q, ParamWrite kWrite>
+void launch_step_typed(Mode mode, const int64_t* numels, int64_t n, void* const* ptrs, const typename A::Hyper& hyper,
+                       const DeviceScalars& scalars, cudaStream_t stream) {
+  static_assert(sizeof(typename A::Hyper) + sizeof(DeviceScalars) + sizeof(Mode) <= kReservedArgBytes,
+                "reserve more argument bytes");
+  static_assert(sizeof(StepKernelArgs<A>) <= kMaxKernelArgBytes, "kernel arguments over 4 KiB");
+  StepKernelArgs<A> args;
+  args.hyper = hyper;
+  args.scalars = scalars;
+  args.mode = mode;
+  auto set_slot = [&](int slot, int64_t i) {
+    for (int r = 0; r < A::kRows; ++r) {
+      args.table.ptrs[r][slot] = ptrs[i * A::kRows + r];
+    }
+  };
+  auto run = [&](int blocks) {
+    step_kernel<A, S, Q, kWrite><<<blocks, kBlockThreads, 0, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  pack_launches(numels, n, kChunkSize, args.table, set_slot, run);
+}
+
 // --- Host side: template dispatch ----------------------------------------------------------
 
 template <typename S>
 struct StorageTag {
   using type = S;
 };
-
-template <Mode kMode>
-using ModeTag = std::integral_constant<Mode, kMode>;
 
 template <ParamWrite kWrite>
 using WriteTag = std::integral_constant<ParamWrite, kWrite>;
@@ -364,47 +463,43 @@ void dispatch_dtype(Dtype dtype, F&& f) {
       return f(StorageTag<math::bf16_t>{});
     case Dtype::kHalf:
       return f(StorageTag<math::fp16_t>{});
+    case Dtype::kDouble:
+      break;
   }
+  TORCH_CHECK(false, "alr: the cuda kernels take no float64 (ops.cpp rejects it first)");
 }
 
-// f(StorageTag<S>{}, StorageTag<Q>{}, WriteTag<kWrite>{}, ModeTag<kMode>{}) for variant I
-// and `mode`; false when that mode has no kernel.
+// f(StorageTag<S>{}, StorageTag<Q>{}, WriteTag<kWrite>{}) for variant I.
 template <size_t I, typename F>
-bool dispatch_mode(Mode mode, F& f) {
+void dispatch_variant_at(F& f) {
   constexpr Variant kVariant = kVariants[I];
-  const StorageTag<typename StorageOf<kVariant.param>::type> param;
-  const StorageTag<typename StorageOf<kVariant.state>::type> state;
-  const WriteTag<kVariant.write> write;
-  switch (mode) {
-    case Mode::kUpdate:
-      f(param, state, write, ModeTag<Mode::kUpdate>{});
-      return true;
-    case Mode::kUpdateStats:
-      f(param, state, write, ModeTag<Mode::kUpdateStats>{});
-      return true;
-    case Mode::kStatsOnly:
-      if constexpr (kVariant.write != ParamWrite::kStochastic) {
-        f(param, state, write, ModeTag<Mode::kStatsOnly>{});
-        return true;
-      }
-      return false;
-  }
-  return false;
+  f(StorageTag<typename StorageOf<kVariant.param>::type>{}, StorageTag<typename StorageOf<kVariant.state>::type>{},
+    WriteTag<kVariant.write>{});
 }
 
 template <typename F, size_t... I>
-bool dispatch_variant(const Variant& variant, Mode mode, F& f, std::index_sequence<I...>) {
-  return ((kVariants[I] == variant && dispatch_mode<I>(mode, f)) || ...);
+bool dispatch_variant(const Variant& variant, F& f, std::index_sequence<I...>) {
+  return ((kVariants[I] == variant && (dispatch_variant_at<I>(f), true)) || ...);
 }
 
-// Calls f(StorageTag<S>{}, StorageTag<Q>{}, WriteTag<kWrite>{}, ModeTag<kMode>{}) for the
-// parameter storage S, the state storage Q and the parameter write of `variant`, and `mode`.
+// Calls f(StorageTag<S>{}, StorageTag<Q>{}, WriteTag<kWrite>{}) for the parameter storage S,
+// the state storage Q and the parameter write of `variant`.
 template <typename F>
-void dispatch(const Variant& variant, Mode mode, F&& f) {
-  const bool found = dispatch_variant(variant, mode, f, std::make_index_sequence<kNumVariants>{});
+void dispatch(const Variant& variant, F&& f) {
+  const bool found = dispatch_variant(variant, f, std::make_index_sequence<kNumVariants>{});
   TORCH_CHECK(found, "alr: no cuda kernel for variant (", static_cast<int>(variant.param), ", ",
-              static_cast<int>(variant.state), ", ", static_cast<int>(variant.write), ") in mode ",
-              static_cast<int>(mode), " (ops.cpp checks has_kernels first)");
+              static_cast<int>(variant.state), ", ", static_cast<int>(variant.write),
+              ") (ops.cpp checks has_kernels first)");
+}
+
+// Launches algorithm A's step kernel of `variant` over the call (see launch.h launch_adam).
+template <typename A>
+void launch_step(const Variant& variant, Mode mode, const int64_t* numels, int64_t n, void* const* ptrs,
+                 const typename A::Hyper& hyper, const DeviceScalars& scalars, cudaStream_t stream) {
+  dispatch(variant, [&](auto param, auto state, auto write) {
+    launch_step_typed<A, typename decltype(param)::type, typename decltype(state)::type, decltype(write)::value>(
+        mode, numels, n, ptrs, hyper, scalars, stream);
+  });
 }
 
 }  // namespace cuda

@@ -2,9 +2,9 @@
 // which know CUDA): raw pointers, element counts and the hyper-parameters of a call.
 //
 // Nothing here is read on the host from device memory. The per-tensor scalars (bias
-// corrections, -α/bc1, the SGD dampening weight, the stochastic-rounding stream) are
-// computed by the kernels from the step counters, effective learning rates and rounding
-// keys, and the GradScaler's scale, the clip coefficient and the skip flag are read by the
+// corrections, -α/bc1, the SGD dampening weight: csrc/step_scalars.h; the
+// stochastic-rounding stream) are computed by the kernels from the step counters,
+// effective learning rates and rounding keys, and the GradScaler's scale, the clip coefficient and the skip flag are read by the
 // kernels through DeviceScalars.
 #pragma once
 
@@ -13,64 +13,27 @@
 
 #include <cuda_runtime_api.h>
 
+#include "variants.h"
+
 namespace alr {
 namespace cuda {
 
-enum class Dtype : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+using alr::Dtype;
+using alr::ParamWrite;
+using alr::Variant;
 
-// How the kernels write the new parameter value p (float): rounded to nearest even; into the
-// float32 master copy, which they also read instead of the parameter, and its image rounded
-// to nearest into the parameter; or rounded stochastically to bfloat16 (alr_math.h's
-// float_to_bf16_stochastic, with the stream of the tensor's rounding key and step).
-enum class ParamWrite : int { kNearest = 0, kMaster = 1, kStochastic = 2 };
+// The storage variants with step kernels: csrc/variants.h's without float64 (which runs on
+// the CPU and reference backends). Each has one Adam and one SGD kernel, whose mode and
+// flags are run-time arguments; Mode::kStatsOnly never takes ParamWrite::kStochastic (it
+// writes nothing; its op takes no rounding keys).
+inline constexpr auto kVariants = kCudaVariants;
+inline constexpr size_t kNumVariants = kVariants.size();
 
-// The storage of a call: the parameters' dtype (the gradients have it too), the dtype of
-// every state tensor and the parameter write.
-struct Variant {
-  Dtype param;
-  Dtype state;
-  ParamWrite write;
-};
-
-constexpr bool operator==(const Variant& a, const Variant& b) {
-  return a.param == b.param && a.state == b.state && a.write == b.write;
-}
-
-// The combinations with step kernels, as the CPU backend's: every one the optimizer's
-// options produce (state_dtype is float32 or bfloat16, so float16 masters always come with
-// another state dtype). torch.optim's own first (state in the parameters' dtype, rounded to
-// nearest); then float32 parameters with bfloat16 state, bfloat16 ones with float32 state,
-// master copies or stochastic rounding, and float16 ones with another state dtype, with or
-// without master copies. Each has a kernel per Mode, except that stochastic rounding has
-// none for Mode::kStatsOnly (which writes nothing; its op takes no rounding keys).
-inline constexpr Variant kVariants[] = {
-    {Dtype::kFloat, Dtype::kFloat, ParamWrite::kNearest},
-    {Dtype::kBFloat16, Dtype::kBFloat16, ParamWrite::kNearest},
-    {Dtype::kHalf, Dtype::kHalf, ParamWrite::kNearest},
-    {Dtype::kFloat, Dtype::kBFloat16, ParamWrite::kNearest},
-    {Dtype::kBFloat16, Dtype::kFloat, ParamWrite::kNearest},
-    {Dtype::kBFloat16, Dtype::kBFloat16, ParamWrite::kMaster},
-    {Dtype::kBFloat16, Dtype::kFloat, ParamWrite::kMaster},
-    {Dtype::kBFloat16, Dtype::kBFloat16, ParamWrite::kStochastic},
-    {Dtype::kBFloat16, Dtype::kFloat, ParamWrite::kStochastic},
-    {Dtype::kHalf, Dtype::kFloat, ParamWrite::kNearest},
-    {Dtype::kHalf, Dtype::kBFloat16, ParamWrite::kNearest},
-    {Dtype::kHalf, Dtype::kFloat, ParamWrite::kMaster},
-    {Dtype::kHalf, Dtype::kBFloat16, ParamWrite::kMaster},
-};
-inline constexpr size_t kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
-
-constexpr bool has_kernels(const Variant& variant) {
-  for (const Variant& v : kVariants) {
-    if (v == variant) {
-      return true;
-    }
-  }
-  return false;
-}
+constexpr bool has_kernels(const Variant& variant) { return index_of_variant(kVariants, variant) >= 0; }
 
 // Update in place; update and gather the hypergradient statistics of the state before the
-// update; or only gather them (read-only). As alr::cpu::Mode.
+// update; or only gather them (read-only). As alr::cpu::Mode; a run-time argument of the
+// step kernels.
 enum class Mode : int { kUpdate = 0, kUpdateStats = 1, kStatsOnly = 2 };
 
 // Pointer rows of a tensor, in the order of the TensorTable rows (multi_tensor.h): the

@@ -1,7 +1,8 @@
 // Native tests of the CPU kernels without Python or torch: the element math of alr_math.h,
-// the 16-bit conversions, every kernel variant on plain arrays (against a scalar loop over
-// alr_math.h and across instruction sets) and the multi-tensor work plan, including
-// tensors of more than 2^31 elements (planned, never allocated). Also the host side of
+// the 16-bit conversions, the kernels on plain arrays (torch.optim's storage variants
+// against a scalar loop over alr_math.h, every variant and run-time flag across instruction
+// sets) and the multi-tensor work plan, including tensors of more than 2^31 elements
+// (planned, never allocated). Also the host side of
 // the CUDA multi-tensor apply (csrc/cuda/multi_tensor.h): how chunks are packed into
 // launches and statistics rows, which needs no GPU.
 //
@@ -225,8 +226,23 @@ void test_element_math() {
     const float rv = v * s.beta2 + (s.one_minus_beta2 * g) * g;
     const float rvmax = std::max(vmax, rv);
     rp = rp + (rm * s.neg_step_size) / (std::sqrt(rvmax) / s.bias_correction2_sqrt + s.eps);
+    const float p0 = p, m0 = m, v0 = v, vmax0 = vmax;
     math::adam_update<true>(p, m, v, vmax, g, s);
     CHECK(same_bits(p, rp) && same_bits(m, rm) && same_bits(v, rv) && same_bits(vmax, rvmax), "adam step %d", i);
+
+    // amsgrad selected at run time gives the same bits; without it v̂ receives the new v.
+    for (const bool amsgrad : {false, true}) {
+      float fp = p0, fm = m0, fv = v0, fvmax = vmax0;
+      float sp = p0, sm = m0, sv = v0, svmax = amsgrad ? vmax0 : v0;
+      if (amsgrad) {
+        math::adam_update<true>(fp, fm, fv, fvmax, g, s);
+      } else {
+        math::adam_update<false>(fp, fm, fv, fvmax, g, s);
+      }
+      math::adam_update_select_amsgrad(amsgrad, sp, sm, sv, svmax, g, s);
+      CHECK(same_bits(sp, fp) && same_bits(sm, fm) && same_bits(sv, fv) && same_bits(svmax, amsgrad ? fvmax : fv),
+            "adam step %d with amsgrad %d selected", i, static_cast<int>(amsgrad));
+    }
   }
 
   // The rearranged d_{t-1} stays within a few ulp of the reference's two-division form.
@@ -327,9 +343,14 @@ void check_adam(const KernelTable& table, int64_t n) {
       for (int mode = 0; mode < kNumModes; ++mode) {
         const bool coupled = (scale + amsgrad + mode) % 2 == 0;
         AdamArrays<S> got(n, 7), want(n, 7);
-        const AdamArgs a = got.args(coupled);
+        AdamArgs a = got.args(coupled);
+        a.mode = static_cast<Mode>(mode);
+        a.amsgrad = amsgrad != 0;
+        a.max_exp_avg_sq = amsgrad ? got.vmax.data() : got.v.data();  // as the op layer passes them
+        a.grad.has_scale = scale != 0;
+        a.grad.grad_scale = scale ? 8.0 : 1.0;
         double stats[kHypergradStats] = {0, 0, 0};
-        table.adam[kDtype][scale][amsgrad][mode](a, 0, n, stats);
+        table.adam[kDtype](a, 0, n, stats);
         double dot = 0, gg = 0, dd = 0;
         math::AdamScalars<T> s;
         s.decay_factor = static_cast<T>(a.decay_factor);
@@ -410,8 +431,12 @@ void check_sgd(const KernelTable& table, int64_t n) {
           const bool nesterov = momentum && (scale + mode) % 2 == 0;
           SgdArrays<S> got(n, 11), want(n, 11);
           SgdArgs a{};
+          a.mode = static_cast<Mode>(mode);
+          a.momentum_enabled = momentum != 0;
+          a.store_prev = store_prev != 0;
           a.grad.grad = got.g.data();
-          a.grad.grad_scale = 4.0;
+          a.grad.has_scale = scale != 0;
+          a.grad.grad_scale = scale ? 4.0 : 1.0;
           a.grad.grad_mult = 0.8;
           a.grad.weight_decay = 0.05;
           a.grad.coupled_decay = (mode % 2) == 0;
@@ -423,7 +448,7 @@ void check_sgd(const KernelTable& table, int64_t n) {
           a.nesterov = nesterov;
           a.neg_lr = -0.01;
           double stats[kHypergradStats] = {0, 0, 0};
-          table.sgd[kDtype][scale][momentum][store_prev][mode](a, 0, n, stats);
+          table.sgd[kDtype](a, 0, n, stats);
           const math::SgdScalars<T> s{T(0.9), T(0.7), nesterov, T(-0.01)};
           double dot = 0, gg = 0, dd = 0;
           for (int64_t i = 0; i < n; ++i) {
@@ -475,9 +500,10 @@ void check_grad_stats(const KernelTable& table, int64_t n) {
   for (int scale = 0; scale < 2; ++scale) {
     GradArgs a{};
     a.grad = g.data();
-    a.grad_scale = 16.0;
+    a.has_scale = scale != 0;
+    a.grad_scale = scale ? 16.0 : 1.0;
     double stats[kGradStats];
-    table.grad_stats[kDtype][scale](a, 0, n, stats);
+    table.grad_stats[kDtype](a, 0, n, stats);
     double sum = 0;
     for (int64_t i = 0; i < n; ++i) {
       T x = math::load(&g[i]);
@@ -496,7 +522,7 @@ void check_grad_stats(const KernelTable& table, int64_t n) {
           std::vector<S> h = g;
           h[where] = from_float<S>(bad);
           a.grad = h.data();
-          table.grad_stats[kDtype][scale](a, 0, n, stats);
+          table.grad_stats[kDtype](a, 0, n, stats);
           CHECK(stats[1] == 1.0, "%s nonfinite at %lld not flagged", table.isa, static_cast<long long>(where));
         }
       }
@@ -528,6 +554,13 @@ void test_kernels() {
   }
 }
 
+AdamArgs amsgrad_update_stats(AdamArgs a) {
+  a.mode = Mode::kUpdateStats;
+  a.amsgrad = true;
+  a.grad.has_scale = true;
+  return a;
+}
+
 // Every instruction set gives the same bits, elements and statistics alike; and splitting a
 // tensor into segments changes no element.
 void test_isa_and_segment_invariance() {
@@ -539,10 +572,10 @@ void test_isa_and_segment_invariance() {
       continue;
     }
     AdamArrays<float> arrays(n, 21);
-    const AdamArgs a = arrays.args(false);
+    const AdamArgs a = amsgrad_update_stats(arrays.args(false));
     std::vector<double> slots(2 * kHypergradStats);
-    kernel_table(isa).adam[0][1][1][static_cast<int>(Mode::kUpdateStats)](a, 0, 3000, &slots[0]);
-    kernel_table(isa).adam[0][1][1][static_cast<int>(Mode::kUpdateStats)](a, 3000, n, &slots[3]);
+    kernel_table(isa).adam[0](a, 0, 3000, &slots[0]);
+    kernel_table(isa).adam[0](a, 3000, n, &slots[3]);
     std::vector<float> all = arrays.p;
     all.insert(all.end(), arrays.m.begin(), arrays.m.end());
     all.insert(all.end(), arrays.v.begin(), arrays.v.end());
@@ -552,13 +585,146 @@ void test_isa_and_segment_invariance() {
 
     AdamArrays<float> whole(n, 21);
     double one[kHypergradStats];
-    kernel_table(isa).adam[0][1][1][static_cast<int>(Mode::kUpdateStats)](whole.args(false), 0, n, one);
+    kernel_table(isa).adam[0](amsgrad_update_stats(whole.args(false)), 0, n, one);
     CHECK(equal_bytes(whole.p, arrays.p) && equal_bytes(whole.m, arrays.m) && equal_bytes(whole.v, arrays.v),
           "%s: segment split changed elements", isa_name(isa));
   }
   for (size_t k = 1; k < results.size(); ++k) {
     CHECK(equal_bytes(results[k], results[0]), "instruction sets disagree on elements (%zu)", k);
     CHECK(equal_bytes(stats[k], stats[0]), "instruction sets disagree on statistics (%zu)", k);
+  }
+}
+
+// n elements of `dtype` holding `values` rounded to it, as raw bytes (8 per element, enough
+// for any dtype).
+std::vector<unsigned char> storage_of(Dtype dtype, const std::vector<double>& values) {
+  std::vector<unsigned char> bytes(values.size() * 8);
+  for (size_t i = 0; i < values.size(); ++i) {
+    switch (dtype) {
+      case Dtype::kFloat:
+        reinterpret_cast<float*>(bytes.data())[i] = from_float<float>(values[i]);
+        break;
+      case Dtype::kDouble:
+        reinterpret_cast<double*>(bytes.data())[i] = values[i];
+        break;
+      case Dtype::kBFloat16:
+        reinterpret_cast<bf16_t*>(bytes.data())[i] = from_float<bf16_t>(values[i]);
+        break;
+      case Dtype::kHalf:
+        reinterpret_cast<fp16_t*>(bytes.data())[i] = from_float<fp16_t>(values[i]);
+        break;
+    }
+  }
+  return bytes;
+}
+
+// The streams of one call of any variant: parameter, gradient, master copy, four state tensors.
+struct VariantArrays {
+  std::vector<unsigned char> p, g, master, s0, s1, s2, s3;
+  VariantArrays(const Variant& v, int64_t n) {
+    std::mt19937 rng(3);
+    std::normal_distribution<double> normal;
+    auto values = [&](double scale, bool positive) {
+      std::vector<double> x(n);
+      for (double& e : x) {
+        e = positive ? std::fabs(normal(rng)) * scale : normal(rng) * scale;
+      }
+      return x;
+    };
+    p = storage_of(v.param, values(1, false));
+    g = storage_of(v.param, values(0.1, false));
+    master = storage_of(Dtype::kFloat, values(1, false));
+    s0 = storage_of(v.state, values(0.01, false));
+    s1 = storage_of(v.state, values(1e-3, true));
+    s2 = storage_of(v.state, values(1e-3, true));
+    s3 = storage_of(v.state, values(0.1, false));
+  }
+  std::vector<unsigned char> all() const {
+    std::vector<unsigned char> out;
+    for (const auto* part : {&p, &master, &s0, &s1, &s2, &s3}) {
+      out.insert(out.end(), part->begin(), part->end());
+    }
+    return out;
+  }
+};
+
+// Every variant's Adam and SGD kernels, in every mode and for every run-time flag, give the
+// same bits (elements and statistics) on every instruction set.
+void test_every_variant_across_isas() {
+  const int64_t n = 1000;
+  for (int variant = 0; variant < kNumVariants; ++variant) {
+    const Variant& v = kVariants[variant];
+    for (int mode = 0; mode < kNumModes; ++mode) {
+      if (mode == static_cast<int>(Mode::kStatsOnly) && v.write == ParamWrite::kStochastic) {
+        continue;  // the op layer reads stochastic-rounding parameters as stored (variant kNearest)
+      }
+      for (int flags = 0; flags < 8; ++flags) {
+        const bool first = flags & 1, second = (flags & 2) != 0, scale = (flags & 4) != 0;
+        std::vector<std::vector<unsigned char>> results;
+        std::vector<std::vector<double>> stats;
+        for (Isa isa : {Isa::kDefault, Isa::kAvx2, Isa::kAvx512}) {
+          if (!isa_supported(isa)) {
+            continue;
+          }
+          for (int algorithm = 0; algorithm < 2; ++algorithm) {
+            VariantArrays x(v, n);
+            GradArgs grad{};
+            grad.grad = x.g.data();
+            grad.has_scale = scale;
+            grad.grad_scale = scale ? 4.0 : 1.0;
+            grad.grad_mult = -0.5;
+            grad.weight_decay = 0.01;
+            grad.coupled_decay = second;
+            ParamArgs param{};
+            param.param = x.p.data();
+            param.master = reinterpret_cast<float*>(x.master.data());
+            param.rounding_stream = 77;
+            std::vector<double> slots(kHypergradStats, 0.0);
+            if (algorithm == 0) {
+              AdamArgs a{};
+              a.mode = static_cast<Mode>(mode);
+              a.amsgrad = first;
+              a.grad = grad;
+              a.param = param;
+              a.exp_avg = x.s0.data();
+              a.exp_avg_sq = x.s1.data();
+              a.max_exp_avg_sq = first ? x.s2.data() : x.s1.data();
+              a.decay_factor = 1 - 1e-5;
+              a.lerp_weight = 0.1;
+              a.beta2 = 0.999;
+              a.one_minus_beta2 = 1 - 0.999;
+              a.eps = 1e-8;
+              a.bias_correction2_sqrt = 0.3;
+              a.neg_step_size = -1e-3 / 0.2;
+              a.prev_direction_scale = 0.25 / 0.15;
+              a.prev_direction_eps = 1e-8 * 0.25;
+              kernel_table(isa).adam[variant](a, 0, n, slots.data());
+            } else {
+              SgdArgs a{};
+              a.mode = static_cast<Mode>(mode);
+              a.momentum_enabled = first;
+              a.store_prev = second;
+              a.grad = grad;
+              a.param = param;
+              a.momentum_buffer = x.s0.data();
+              a.prev_direction = x.s3.data();
+              a.momentum = 0.9;
+              a.damp_weight = 0.7;
+              a.neg_lr = -0.01;
+              a.nesterov = scale;
+              kernel_table(isa).sgd[variant](a, 0, n, slots.data());
+            }
+            results.push_back(x.all());
+            stats.push_back(slots);
+          }
+        }
+        for (size_t k = 2; k < results.size(); ++k) {
+          CHECK(results[k] == results[k % 2] && stats[k] == stats[k % 2],
+                "variant %d mode %d flags %d: instruction set %zu differs (%s)", variant, mode, flags, k / 2,
+                k % 2 == 0 ? "adam" : "sgd");
+        }
+      }
+    }
   }
 }
 
@@ -597,6 +763,8 @@ void test_stochastic_rounding_kernel() {
     std::vector<bf16_t> p = p0;
     std::vector<float> b = b0;
     SgdArgs a{};
+    a.mode = Mode::kUpdate;
+    a.momentum_enabled = true;
     a.grad.grad = g.data();
     a.grad.grad_scale = 1.0;
     a.grad.grad_mult = 1.0;
@@ -606,7 +774,7 @@ void test_stochastic_rounding_kernel() {
     a.momentum = 0.9;
     a.damp_weight = 1.0;
     a.neg_lr = -0.01;
-    const SgdKernel kernel = kernel_table(isa).sgd[variant][0][1][0][static_cast<int>(Mode::kUpdate)];
+    const SgdKernel kernel = kernel_table(isa).sgd[variant];
     kernel(a, 0, 1234, nullptr);
     kernel(a, 1234, n, nullptr);
     CHECK(equal_bytes(p, want), "%s: stochastic rounding differs from the scalar stream", isa_name(isa));
@@ -817,6 +985,7 @@ int main() {
   test_element_math();
   test_kernels();
   test_isa_and_segment_invariance();
+  test_every_variant_across_isas();
   test_stochastic_rounding_kernel();
   test_work_plan();
   test_cuda_launch_packing();
