@@ -383,9 +383,8 @@ Tensor step_call(const StepInputs& in) {
 }
 
 // The statistics-only implementation behind the typed *_hypergrad_stats ops (op_inputs.h).
-Tensor hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
-                                const State& st, const std::optional<Tensor>& grad_scale,
-                                const std::optional<Tensor>& clip_coef) {
+Tensor hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
+                       const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip_coef) {
   if (params.empty()) {
     return at::zeros({0, kHypergradStats}, at::TensorOptions().dtype(at::kFloat));
   }
@@ -401,9 +400,8 @@ Tensor hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, Tens
 
 // The implementation behind the typed *_update_ ops (op_inputs.h).
 Tensor update(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
-                       const Tensor& alphas, const std::optional<Tensor>& grad_scale,
-                       const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip,
-                       bool collect_stats) {
+              const Tensor& alphas, const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip_coef,
+              const std::optional<Tensor>& skip, bool collect_stats) {
   const auto stats_options = at::TensorOptions().dtype(at::kFloat);
   const int64_t n = static_cast<int64_t>(params.size());
   if (n == 0) {

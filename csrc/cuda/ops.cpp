@@ -310,9 +310,8 @@ Tensor grad_stats_cuda(TensorList grads, const std::optional<Tensor>& grad_scale
 }
 
 // The statistics-only implementation behind the typed *_hypergrad_stats ops (op_inputs.h).
-Tensor hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps,
-                                 const State& st, const std::optional<Tensor>& grad_scale,
-                                 const std::optional<Tensor>& clip_coef) {
+Tensor hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
+                       const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip_coef) {
   check_params(params, "params");
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -328,9 +327,8 @@ Tensor hypergrad_stats(const Hyper& h, TensorList params, TensorList grads, Tens
 
 // The implementation behind the typed *_update_ ops (op_inputs.h).
 Tensor update(const Hyper& h, TensorList params, TensorList grads, TensorList steps, const State& st,
-                        const Tensor& alphas, const std::optional<Tensor>& grad_scale,
-                        const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip,
-                        bool collect_stats) {
+              const Tensor& alphas, const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip_coef,
+              const std::optional<Tensor>& skip, bool collect_stats) {
   const int64_t n = static_cast<int64_t>(params.size());
   if (n == 0) {
     return at::zeros({0, kHypergradStats}, alphas.options().dtype(at::kFloat));
