@@ -14,13 +14,16 @@ from when it was built:
 * the optimizer's state: the ``state`` mapping object, its number of entries, or its
   version, which :meth:`PlanCache.invalidate` advances (``load_state_dict`` calls it).
 
-Replacing a parameter's storage, a state tensor or a parameter list in place, by hand, is
-not (yet) followed; a gradient whose shape, dtype or device differs from its parameter's is
-caught by the per-step check.
+Each step also checks that the gradients have the shapes, dtype, device and (dense) layout
+the plan was validated with; when they do not (a parameter resized through ``p.data``, a
+gradient replaced through ``p.grad.data``), the plan is rebuilt, which validates every
+tensor again and raises naming what differs. Replacing a state tensor or a parameter list
+in place, by hand, is not (yet) followed.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,11 +43,34 @@ __all__ = ["PlanCache", "bucket_group"]
 
 @dataclass
 class GroupPlan:
-    """A param group's buckets, valid while ``key`` (see :meth:`PlanCache.buckets`) holds."""
+    """A param group's buckets, valid while ``key`` (see :meth:`PlanCache.buckets`) holds and
+    each step's gradients have the shapes (``shapes``, per bucket), dtype, device and layout
+    the buckets were validated with."""
 
     group: dict[str, Any]
     key: tuple
     buckets: list[Bucket]
+    shapes: list[list[torch.Size]]
+
+    def take_grads(self, grads: list[Tensor | None]) -> bool:
+        """Give every bucket this step's gradients, if they are as validated (four C-level
+        maps per bucket: ~0.3 µs per tensor, against ~0.6 µs for checking each tensor in a
+        Python loop); False, assigning nothing, if any is not."""
+        fresh = [[grads[i] for i in bucket.positions] for bucket in self.buckets]
+        for bucket, shapes, bucket_grads in zip(self.buckets, self.shapes, fresh):
+            if list(map(_shape, bucket_grads)) != shapes or set(map(_dtype, bucket_grads)) != {bucket.dtype}:
+                return False
+            # get_device (-1 on the CPU) costs half of reading .device.
+            if set(map(Tensor.get_device, bucket_grads)) != {bucket.params[0].get_device()}:
+                return False
+            if set(map(_layout, bucket_grads)) != {torch.strided}:
+                return False
+        for bucket, bucket_grads in zip(self.buckets, fresh):
+            bucket.grads = bucket_grads
+        return True
+
+
+_shape, _dtype, _layout = (operator.attrgetter(name) for name in ("shape", "dtype", "layout"))
 
 
 class PlanCache:
@@ -71,14 +97,15 @@ class PlanCache:
         parameter of the group, None where it has none); ``build`` makes new buckets (it may
         add state, so the key is taken after it)."""
         plan = self._plans.get(id(group))
-        if plan is None or plan.group is not group or plan.key != self._key(group, hyper, grads, state):
-            buckets = build()
-            self._plans[id(group)] = GroupPlan(group, self._key(group, hyper, grads, state), buckets)
-            return buckets
-        for bucket in plan.buckets:
-            bucket.grads = [grads[i] for i in bucket.positions]
-            check_grads(bucket.params, bucket.grads, bucket.names)
-        return plan.buckets
+        fresh = plan is not None and plan.group is group and plan.key == self._key(group, hyper, grads, state)
+        if fresh and plan.take_grads(grads):
+            return plan.buckets
+        # A new plan, or gradients unlike the validated ones: bucketing validates everything
+        # again and raises naming what differs.
+        buckets = build()
+        shapes = [[p.shape for p in bucket.params] for bucket in buckets]
+        self._plans[id(group)] = GroupPlan(group, self._key(group, hyper, grads, state), buckets, shapes)
+        return buckets
 
     def _key(self, group: dict[str, Any], hyper: GroupHyper, grads: list[Tensor | None], state: dict) -> tuple:
         return (

@@ -122,3 +122,14 @@ def test_a_missing_state_tensor_of_a_loaded_checkpoint_is_created() -> None:
 )
 def test_internal_overlap(tensor: torch.Tensor, overlaps: bool) -> None:
     assert has_internal_overlap(tensor) is overlaps
+
+
+def test_a_parameter_resized_after_a_step_raises_before_any_write(backend_and_device) -> None:
+    """``p.data = torch.zeros(N)`` with a gradient of the new shape: the plan is rebuilt, and
+    the state of the old shape is caught (the Triton kernel used to run past its end)."""
+    params, opt = _stepped(*backend_and_device)
+    params[0].data = torch.zeros(8192, device=params[0].device)
+    params[0].grad = torch.ones_like(params[0])
+    _assert_raises_writing_nothing(
+        opt, params, r"state 'exp_avg' of params\[0\] of param group 0 has shape \[4096\], but the parameter has shape \[8192\]"
+    )
