@@ -89,9 +89,26 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def device(backend: str) -> torch.device:
+    """Where ``backend`` runs here (see ``_device_of``)."""
+    return _device_of(backend)
+
+
+@pytest.fixture(params=("reference", *NATIVE_BACKENDS))
+def any_backend(request: pytest.FixtureRequest) -> tuple[str, torch.device]:
+    """Each backend, the reference included, with where it runs here; skipped where it
+    cannot run."""
+    from alr import backends
+
+    reason = backends.backend_unavailable_reason(request.param)
+    if reason is not None:
+        pytest.skip(f"{request.param} backend unavailable: {reason}")
+    return request.param, _device_of(request.param)
+
+
+def _device_of(backend: str) -> torch.device:
     """Where ``backend`` runs here: ``triton`` runs on CUDA when a GPU is present, else on
     CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/run.sh)."""
-    if backend == "cpu":
+    if backend in ("reference", "cpu"):
         return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -4,33 +4,12 @@ is written anywhere, in any param group."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import alr
 from alr.validation import has_internal_overlap
 from helpers import assert_bit_identical, snapshot
-
-BACKENDS = ("reference", "cpu", "cuda", "triton")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend_and_device(request: pytest.FixtureRequest) -> tuple[str, torch.device]:
-    """Each backend that can run here, with its device (Triton: CPU tensors in its
-    interpreter when there is no GPU)."""
-    name = request.param
-    reason = alr.backends.backend_unavailable_reason(name)
-    if reason is not None:
-        pytest.skip(f"{name} backend unavailable: {reason}")
-    if name in ("reference", "cpu"):
-        return name, torch.device("cpu")
-    if torch.cuda.is_available():
-        return name, torch.device("cuda")
-    if name == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return name, torch.device("cpu")
-    pytest.skip(f"{name} needs a GPU here")
 
 
 def _stepped(backend: str, device: torch.device, shapes=((4096,), (3, 5)), groups: int = 1, **options):
@@ -57,10 +36,10 @@ def _assert_raises_writing_nothing(opt, params, match: str) -> None:
         assert_bit_identical(a, b, f"tensor {index}")
 
 
-def test_checkpoint_with_a_short_state_tensor_raises(backend_and_device) -> None:
+def test_checkpoint_with_a_short_state_tensor_raises(any_backend) -> None:
     """A checkpoint whose exp_avg has 1 element for a 4,096-element parameter (the Triton
     kernel used to read and write past its end)."""
-    params, opt = _stepped(*backend_and_device)
+    params, opt = _stepped(*any_backend)
     saved = opt.state_dict()
     saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"][:1].clone()
     opt.load_state_dict(saved)
@@ -69,18 +48,18 @@ def test_checkpoint_with_a_short_state_tensor_raises(backend_and_device) -> None
     )
 
 
-def test_gradient_of_another_dtype_raises_naming_the_gradient(backend_and_device) -> None:
+def test_gradient_of_another_dtype_raises_naming_the_gradient(any_backend) -> None:
     """``p.grad.data = ...`` bypasses torch's grad setter (its bytes used to be reinterpreted)."""
-    params, opt = _stepped(*backend_and_device)
+    params, opt = _stepped(*any_backend)
     params[1].grad.data = params[1].grad.data.double()
     _assert_raises_writing_nothing(
         opt, params, r"the gradient of params\[1\] of param group 0 has dtype torch.float64, but torch.float32 is expected"
     )
 
 
-def test_a_failing_group_leaves_every_group_unwritten(backend_and_device) -> None:
+def test_a_failing_group_leaves_every_group_unwritten(any_backend) -> None:
     """Atomic steps: the bad state is in the second group; the first is not stepped either."""
-    params, opt = _stepped(*backend_and_device, groups=2)
+    params, opt = _stepped(*any_backend, groups=2)
     opt.load_state_dict(opt.state_dict())  # the plans are rebuilt at the next step
     opt.state[params[3]]["exp_avg_sq"] = opt.state[params[3]]["exp_avg_sq"].to(torch.float16)
     _assert_raises_writing_nothing(opt, params, r"state 'exp_avg_sq' of params\[1\] of param group 1 has dtype torch.float16")
@@ -124,10 +103,10 @@ def test_internal_overlap(tensor: torch.Tensor, overlaps: bool) -> None:
     assert has_internal_overlap(tensor) is overlaps
 
 
-def test_a_parameter_resized_after_a_step_raises_before_any_write(backend_and_device) -> None:
+def test_a_parameter_resized_after_a_step_raises_before_any_write(any_backend) -> None:
     """``p.data = torch.zeros(N)`` with a gradient of the new shape: the plan is rebuilt, and
     the state of the old shape is caught (the Triton kernel used to run past its end)."""
-    params, opt = _stepped(*backend_and_device)
+    params, opt = _stepped(*any_backend)
     params[0].data = torch.zeros(8192, device=params[0].device)
     params[0].grad = torch.ones_like(params[0])
     _assert_raises_writing_nothing(
