@@ -218,9 +218,6 @@ class Algorithm:
     scalar_columns: tuple[str, ...]
     tensor_scalars: Callable[[GroupHyper, Tensor, Tensor], Tensor]
 
-    def stream(self, name: str) -> StateStream:
-        return next(s for s in self.streams if s.name == name)
-
     def kernel_arguments(self, hyper: GroupHyper) -> dict[str, Any]:
         """The keyword arguments of its kernel ops: ``hyper`` (floats) and the flags."""
         return {"hyper": [float(getattr(hyper, name)) for name in self.kernel_hyper],
