@@ -51,35 +51,52 @@ HYPERGRAD_STATS = ("dot", "grad_sq", "dir_sq")
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class GroupHyper:
     """The hyper-parameters of one param group, as a backend sees them.
 
-    ``lr`` is the param group's learning rate (a float, or a 1-element tensor). The effective
-    learning rate ``alpha = kappa * lr`` reaches the backend separately, as a tensor.
+    The fields are the ones every algorithm has; an algorithm's own hyper-parameters (its
+    declaration's ``hyper_parameters``, e.g. ``betas`` or ``momentum``) are read as
+    attributes too, with the declared defaults: ``GroupHyper("sgd", 0.1, 0.0, False,
+    momentum=0.9).momentum``. ``lr`` is the param group's learning rate (a float, or a
+    1-element tensor). The effective learning rate ``alpha = kappa * lr`` reaches the
+    backend separately, as a tensor.
     """
 
-    algorithm: Literal["adam", "sgd"]
+    algorithm: str
     lr: float | Tensor
     weight_decay: float
     maximize: bool
-    decoupled_weight_decay: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    amsgrad: bool = False
-    momentum: float = 0.0
-    dampening: float = 0.0
-    nesterov: bool = False
-    hypergrad: Literal["mult", "add", "off"] = "off"
-    hypergrad_lr: float = 0.0
-    hypergrad_norm_decay: float = 0.0
-    hypergrad_scope: Literal["group", "tensor"] = "group"
-    hypergrad_exact: bool = False
-    kappa_min: float = 1e-3
-    kappa_max: float = 1e5
-    master_weights: bool = False
-    stochastic_rounding: bool = False
-    state_dtype: torch.dtype | None = None
+    hypergrad: Literal["mult", "add", "off"]
+    hypergrad_lr: float
+    hypergrad_norm_decay: float
+    hypergrad_scope: Literal["group", "tensor"]
+    hypergrad_exact: bool
+    kappa_min: float
+    kappa_max: float
+    master_weights: bool
+    stochastic_rounding: bool
+    state_dtype: torch.dtype | None
+    options: tuple[tuple[str, Any], ...]
+    """The algorithm's own hyper-parameters, (name, value) in declaration order."""
+
+    def __init__(self, algorithm: str, lr: float | Tensor, weight_decay: float, maximize: bool, **given: Any) -> None:
+        declared = ALGORITHMS[algorithm].hyper_parameters
+        unknown = sorted(set(given) - set(declared) - set(_SHARED_DEFAULTS))
+        if unknown:
+            raise TypeError(f"{algorithm} has no hyper-parameter {', '.join(unknown)}")
+        values = {"algorithm": algorithm, "lr": lr, "weight_decay": weight_decay, "maximize": maximize}
+        values.update({name: given.get(name, default) for name, default in _SHARED_DEFAULTS.items()})
+        values["options"] = tuple((name, given.get(name, default)) for name, default in declared.items())
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only for names that are not fields: the algorithm's own hyper-parameters.
+        for key, value in self.__dict__.get("options", ()):
+            if key == name:
+                return value
+        raise AttributeError(f"{self.__dict__.get('algorithm')} has no hyper-parameter {name!r}")
 
     @classmethod
     def from_group(cls, group: dict[str, Any], algorithm: str) -> GroupHyper:
@@ -88,19 +105,11 @@ class GroupHyper:
         an accelerator; torch.optim reads them alike)."""
         names = (*SHARED_HYPER_PARAMETERS, *ALGORITHMS[algorithm].hyper_parameters)
         # lr stays as given: it reaches the kernels on the device, through κ·lr.
-        return cls(algorithm=algorithm, **{n: group[n] if n == "lr" else _host_value(group[n]) for n in names})
+        return cls(algorithm, **{n: group[n] if n == "lr" else _host_value(group[n]) for n in names})
 
     @property
     def declaration(self) -> Algorithm:
         return ALGORITHMS[self.algorithm]
-
-    @property
-    def beta1(self) -> float:
-        return self.betas[0]
-
-    @property
-    def beta2(self) -> float:
-        return self.betas[1]
 
     @property
     def adapts(self) -> bool:
@@ -127,10 +136,15 @@ class GroupHyper:
                 self.master_weights, self.stochastic_rounding, self.state_dtype)  # fmt: skip
 
 
-SHARED_HYPER_PARAMETERS = (
-    "lr", "weight_decay", "maximize", "hypergrad", "hypergrad_lr", "hypergrad_norm_decay", "hypergrad_scope",
-    "hypergrad_exact", "kappa_min", "kappa_max", "master_weights", "stochastic_rounding", "state_dtype",
-)  # fmt: skip
+_SHARED_DEFAULTS: dict[str, Any] = {
+    "hypergrad": "off", "hypergrad_lr": 0.0, "hypergrad_norm_decay": 0.0, "hypergrad_scope": "group",
+    "hypergrad_exact": False, "kappa_min": 1e-3, "kappa_max": 1e5, "master_weights": False,
+    "stochastic_rounding": False, "state_dtype": None,
+}  # fmt: skip
+"""The ALR options every algorithm has, with the defaults a :class:`GroupHyper` made by hand
+gets (the optimizer passes every one)."""
+
+SHARED_HYPER_PARAMETERS = ("lr", "weight_decay", "maximize", *_SHARED_DEFAULTS)
 """The param-group keys of :class:`GroupHyper` that every algorithm has."""
 
 
@@ -197,8 +211,9 @@ class Algorithm:
         streams: its own state streams, in the order its kernels take them.
         check: raises, with torch.optim's exception types and messages, for invalid
             constructor arguments (``lr``, ``weight_decay`` and the hyper-parameters).
-        kernel_hyper: the hyper-parameters its kernel ops take, in order, as the op
-            argument ``float[] hyper`` (names of :class:`GroupHyper` attributes).
+        kernel_hyper: the hyper-parameters its kernel ops take as the op argument
+            ``float[] hyper``, in order (its comment names them; ``csrc/op_inputs.h``
+            reads them in that order).
         kernel_flags: the boolean options its kernel ops take as named arguments. (What
             the presence of a stream tells, such as amsgrad, is not passed: an op sees it
             from the stream's list being empty or not.)
@@ -213,14 +228,14 @@ class Algorithm:
     hyper_parameters: dict[str, Any]
     streams: tuple[StateStream, ...]
     check: Callable[..., None]
-    kernel_hyper: tuple[str, ...]
+    kernel_hyper: Callable[[GroupHyper], tuple[float, ...]]
     kernel_flags: tuple[str, ...]
     scalar_columns: tuple[str, ...]
     tensor_scalars: Callable[[GroupHyper, Tensor, Tensor], Tensor]
 
     def kernel_arguments(self, hyper: GroupHyper) -> dict[str, Any]:
         """The keyword arguments of its kernel ops: ``hyper`` (floats) and the flags."""
-        return {"hyper": [float(getattr(hyper, name)) for name in self.kernel_hyper],
+        return {"hyper": [float(value) for value in self.kernel_hyper(hyper)],
                 **{name: bool(getattr(hyper, name)) for name in self.kernel_flags}}  # fmt: skip
 
 
@@ -301,7 +316,7 @@ ADAM = Algorithm(
         StateStream("max_exp_avg_sq", "state", lambda h, dtype: h.amsgrad, "zeros", "v̂ = max over steps of v (amsgrad)"),
     ),
     check=_check_adam,
-    kernel_hyper=("beta1", "beta2", "eps", "weight_decay"),
+    kernel_hyper=lambda h: (*h.betas, h.eps, h.weight_decay),  # beta1, beta2, eps, weight_decay
     kernel_flags=("decoupled_weight_decay", "maximize"),
     scalar_columns=("decay_factor", "neg_step_size", "bias_correction2_sqrt", "prev_direction_scale", "prev_direction_eps"),
     tensor_scalars=_adam_scalars,
@@ -347,7 +362,7 @@ SGD = Algorithm(
                     "d_{t-1}, the previous direction (SGD without momentum, Nesterov SGD)"),
     ),
     check=_check_sgd,
-    kernel_hyper=("momentum", "dampening", "weight_decay"),
+    kernel_hyper=lambda h: (h.momentum, h.dampening, h.weight_decay),
     kernel_flags=("nesterov", "maximize"),
     scalar_columns=("neg_lr", "damp_weight"),
     tensor_scalars=_sgd_scalars,

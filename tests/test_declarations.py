@@ -71,3 +71,13 @@ def test_native_schemas_are_the_declared_ones(name: str) -> None:
         native = getattr(torch.ops.alr, f"{name}_{op}").default._schema
         declared = torch._C.parse_schema(f"alr::{name}_{op}{op_schema(algorithm, update, per_tensor)}")
         assert str(native) == str(declared)
+
+
+def test_group_hyper_reads_the_declared_hyper_parameters_with_their_defaults() -> None:
+    hyper = GroupHyper("sgd", 0.1, 0.0, False, momentum=0.9)
+    assert (hyper.momentum, hyper.dampening, hyper.nesterov) == (0.9, 0.0, False)
+    assert GroupHyper("adam", 0.1, 0.0, False).betas == ADAM.hyper_parameters["betas"]
+    with pytest.raises(TypeError, match="sgd has no hyper-parameter betas"):
+        GroupHyper("sgd", 0.1, 0.0, False, betas=(0.9, 0.999))
+    with pytest.raises(AttributeError, match="adam has no hyper-parameter 'momentum'"):
+        GroupHyper("adam", 0.1, 0.0, False).momentum
