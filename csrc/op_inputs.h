@@ -3,6 +3,7 @@
 // layout differs from their parameter's. Host code only; torch types.
 #pragma once
 
+#include <array>
 #include <deque>
 #include <optional>
 #include <string>
@@ -12,6 +13,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_strided.h>
 #include <c10/util/irange.h>
+
+#include "algorithms.h"
 
 namespace alr {
 namespace ops {
@@ -93,37 +96,74 @@ inline void check_list(TensorList list, size_t n, const char* name) {
   }
 }
 
-// The hyper-parameters the ops take as keyword arguments.
+// The hyper-parameters the ops take as keyword arguments, and the options that decide which
+// state streams exist.
 struct Hyper {
-  bool adam;
+  Algorithm algorithm;
   double beta1, beta2, eps, weight_decay;
   bool decoupled_weight_decay, amsgrad, maximize;
   double momentum, dampening;
   bool nesterov, needs_prev_direction;
 };
 
-// The `float[] hyper` of the typed ops, in the order of the algorithms' declarations
-// (kernel_hyper in alr/algorithms.py): Adam [beta1, beta2, eps, weight_decay], SGD
-// [momentum, dampening, weight_decay]. The options that decide which state exists come from
-// the lists: amsgrad from max_exp_avg_sq, SGD's stored d_{t-1} from hypergrad_prev_direction.
+inline void check_hyper_count(Algorithm a, c10::ArrayRef<double> hyper) {
+  const AlgorithmDecl& d = declaration(a);
+  if (static_cast<int>(hyper.size()) == d.num_hyper) {
+    return;
+  }
+  std::string names;
+  for (int k = 0; k < d.num_hyper; ++k) {
+    names += (k > 0 ? ", " : "") + std::string(d.hyper[k]);
+  }
+  TORCH_CHECK(false, "alr: the ", d.name, " ops take hyper = [", names, "], got ", hyper.size(), " values");
+}
+
+// The `float[] hyper` of the typed ops, in the order of the declarations (algorithms.h). The
+// options that decide which state exists come from the lists: amsgrad from max_exp_avg_sq,
+// SGD's stored d_{t-1} from hypergrad_prev_direction.
 inline Hyper adam_hyper(c10::ArrayRef<double> hyper, bool decoupled_weight_decay, bool amsgrad, bool maximize) {
-  TORCH_CHECK(hyper.size() == 4, "alr: the adam ops take hyper = [beta1, beta2, eps, weight_decay], got ",
-              hyper.size(), " values");
-  return Hyper{true,     hyper[0], hyper[1], hyper[2], hyper[3], decoupled_weight_decay, amsgrad,
-               maximize, 0.0,      0.0,      false,    false};
+  check_hyper_count(Algorithm::kAdam, hyper);
+  return Hyper{Algorithm::kAdam, hyper[0], hyper[1], hyper[2], hyper[3], decoupled_weight_decay, amsgrad,
+               maximize,         0.0,      0.0,      false,    false};
 }
 
 inline Hyper sgd_hyper(c10::ArrayRef<double> hyper, bool nesterov, bool maximize, bool store_prev) {
-  TORCH_CHECK(hyper.size() == 3, "alr: the sgd ops take hyper = [momentum, dampening, weight_decay], got ",
-              hyper.size(), " values");
-  return Hyper{false, 0.0, 0.0, 0.0, hyper[2], false, false, maximize, hyper[0], hyper[1], nesterov, store_prev};
+  check_hyper_count(Algorithm::kSgd, hyper);
+  return Hyper{Algorithm::kSgd, 0.0, 0.0, 0.0, hyper[2], false, false, maximize, hyper[0], hyper[1], nesterov,
+               store_prev};
 }
 
-// The state lists an algorithm reads, checked against the parameters.
+// Whether the options of `h` keep state stream `k` (algorithms.h); the lists of the others are
+// empty. alr/algorithms.py's StateStream.needed, for the options the ops see.
+inline bool keeps_stream(const Hyper& h, int k) {
+  switch (h.algorithm) {
+    case Algorithm::kAdam:
+      return k != adam_stream::kMaxExpAvgSq || h.amsgrad;
+    case Algorithm::kSgd:
+      return k == sgd_stream::kMomentumBuffer ? h.momentum != 0 : h.needs_prev_direction;
+  }
+  return false;
+}
+
+// Whether a call of mode `write` (update) or not (statistics only) reads stream `k`: the
+// streams kept, and for SGD's read-only statistics without a stored previous direction the
+// momentum buffer, which then holds d_{t-1}.
+inline bool reads_stream(const Hyper& h, int k, bool write) {
+  if (h.algorithm == Algorithm::kSgd && k == sgd_stream::kMomentumBuffer && !write) {
+    return !h.needs_prev_direction;
+  }
+  return keeps_stream(h, k);
+}
+
+// The tensor lists of one call: the algorithm's state streams in declaration order (a stream
+// the options do not keep is an empty list), the float32 copies of 16-bit parameters (or
+// empty) and the 0-d int64 stochastic-rounding keys of bfloat16 parameters (or empty).
 struct State {
-  TensorList exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, prev_directions;
-  TensorList master_params;  // float32 copies of 16-bit parameters, or empty
-  TensorList rounding_keys;  // 0-d int64 stochastic-rounding keys of bfloat16 parameters, or empty
+  std::array<TensorList, kMaxStreams> streams;
+  TensorList master_params;
+  TensorList rounding_keys;
+
+  const TensorList& operator[](int k) const { return streams[k]; }
 };
 
 inline bool is_16_bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
@@ -149,22 +189,15 @@ inline at::ScalarType check_state(const Hyper& h, TensorList params, TensorList 
   check_list(grads, n, "grads");
   check_list(steps, n, "steps");
   std::vector<std::pair<TensorList, const char*>> lists;
-  if (h.adam) {
-    lists = {{s.exp_avgs, "exp_avgs"}, {s.exp_avg_sqs, "exp_avg_sqs"}};
-    if (h.amsgrad) {
-      lists.emplace_back(s.max_exp_avg_sqs, "max_exp_avg_sqs");
+  const AlgorithmDecl& decl = declaration(h.algorithm);
+  for (int k = 0; k < decl.num_streams; ++k) {
+    if (keeps_stream(h, k)) {
+      lists.emplace_back(s[k], decl.streams[k]);
     }
-  } else {
-    if (h.momentum != 0) {
-      lists.emplace_back(s.momentum_buffers, "momentum_buffers");
-    }
-    if (h.needs_prev_direction) {
-      lists.emplace_back(s.prev_directions, "prev_directions");
-    }
-    TORCH_CHECK(!need_stats_source || h.needs_prev_direction || h.momentum != 0,
-                "alr: SGD hypergradient statistics need momentum_buffers (momentum != 0) or "
-                "prev_directions (needs_prev_direction)");
   }
+  TORCH_CHECK(!need_stats_source || h.algorithm != Algorithm::kSgd || !lists.empty(),
+              "alr: SGD hypergradient statistics need momentum_buffer (momentum != 0) or "
+              "hypergrad_prev_direction");
   for (const auto& [list, name] : lists) {
     check_list(list, n, name);
   }
@@ -223,7 +256,7 @@ struct TypedOps {
                                      const OptionalTensor& grad_scale, const OptionalTensor& clip_coef,
                                      c10::ArrayRef<double> hyper, bool decoupled_weight_decay, bool maximize) {
     const Hyper h = adam_hyper(hyper, decoupled_weight_decay, !max_exp_avg_sq.empty(), maximize);
-    const State st{exp_avg, exp_avg_sq, max_exp_avg_sq, {}, {}, master_param, {}};
+    const State st{{exp_avg, exp_avg_sq, max_exp_avg_sq}, master_param, {}};
     return kHypergradStats(h, params, grads, steps, st, grad_scale, clip_coef);
   }
 
@@ -232,7 +265,7 @@ struct TypedOps {
                                     const OptionalTensor& grad_scale, const OptionalTensor& clip_coef,
                                     c10::ArrayRef<double> hyper, bool nesterov, bool maximize) {
     const Hyper h = sgd_hyper(hyper, nesterov, maximize, !prev_direction.empty());
-    const State st{{}, {}, {}, momentum_buffer, prev_direction, master_param, {}};
+    const State st{{momentum_buffer, prev_direction}, master_param, {}};
     return kHypergradStats(h, params, grads, steps, st, grad_scale, clip_coef);
   }
 
@@ -242,7 +275,7 @@ struct TypedOps {
                              const OptionalTensor& clip_coef, const OptionalTensor& skip, c10::ArrayRef<double> hyper,
                              bool decoupled_weight_decay, bool maximize, bool collect_stats) {
     const Hyper h = adam_hyper(hyper, decoupled_weight_decay, !max_exp_avg_sq.empty(), maximize);
-    const State st{exp_avg, exp_avg_sq, max_exp_avg_sq, {}, {}, master_param, rounding_key};
+    const State st{{exp_avg, exp_avg_sq, max_exp_avg_sq}, master_param, rounding_key};
     return kUpdate(h, params, grads, steps, st, alphas, grad_scale, clip_coef, skip, collect_stats);
   }
 
@@ -252,14 +285,21 @@ struct TypedOps {
                             const OptionalTensor& skip, c10::ArrayRef<double> hyper, bool nesterov, bool maximize,
                             bool collect_stats) {
     const Hyper h = sgd_hyper(hyper, nesterov, maximize, !prev_direction.empty());
-    const State st{{}, {}, {}, momentum_buffer, prev_direction, master_param, rounding_key};
+    const State st{{momentum_buffer, prev_direction}, master_param, rounding_key};
     return kUpdate(h, params, grads, steps, st, alphas, grad_scale, clip_coef, skip, collect_stats);
   }
 };
 
-// The step ops' names, for the registrations that cover them all (Autograd, tests).
-inline constexpr const char* kStepOps[] = {"adam_hypergrad_stats", "sgd_hypergrad_stats", "adam_update_",
-                                           "sgd_update_"};
+// The step ops' names (<algorithm>_hypergrad_stats, <algorithm>_update_), for the
+// registrations that cover them all (Autograd, tests).
+inline std::vector<std::string> step_op_names() {
+  std::vector<std::string> names;
+  for (const AlgorithmDecl& d : kAlgorithms) {
+    names.push_back(std::string(d.name) + "_hypergrad_stats");
+    names.push_back(std::string(d.name) + "_update_");
+  }
+  return names;
+}
 
 }  // namespace ops
 }  // namespace alr

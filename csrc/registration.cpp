@@ -14,12 +14,45 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "algorithms.h"
+
 #ifndef ALR_VERSION
 #error "ALR_VERSION must be defined by the build (setup.py or CMakeLists.txt)"
 #endif
 
 #define ALR_STRINGIFY_IMPL(x) #x
 #define ALR_STRINGIFY(x) ALR_STRINGIFY_IMPL(x)
+
+namespace {
+
+// The schema of an algorithm's update (mutating) or statistics op, from its declaration:
+// alr.op_args.op_schema writes the same (tests/test_declarations.py compares them).
+std::string step_op_schema(const alr::AlgorithmDecl& algorithm, bool update) {
+  std::vector<std::string> lists = {"params", "grads", "steps"};
+  for (int k = 0; k < algorithm.num_streams; ++k) {
+    lists.emplace_back(algorithm.streams[k]);
+  }
+  lists.emplace_back("master_param");
+  if (update) {
+    lists.emplace_back("rounding_key");
+  }
+  // An update writes the parameters, the step counters, the state and the master copies.
+  const auto mutated = [&](const std::string& name) { return update && name != "grads" && name != "rounding_key"; };
+  std::string schema = std::string(algorithm.name) + (update ? "_update_(" : "_hypergrad_stats(");
+  char letter = 'a';
+  for (const std::string& name : lists) {
+    schema += mutated(name) ? std::string("Tensor(") + letter++ + "!)[] " : "Tensor[] ";
+    schema += name + ", ";
+  }
+  schema += update ? "Tensor alphas, Tensor? grad_scale, Tensor? clip_coef, Tensor? skip, *, float[] hyper"
+                   : "Tensor? grad_scale, Tensor? clip_coef, *, float[] hyper";
+  for (const char* flag : algorithm.flags) {
+    schema += std::string(", bool ") + flag;
+  }
+  return schema + (update ? ", bool collect_stats) -> Tensor" : ") -> Tensor");
+}
+
+}  // namespace
 
 TORCH_LIBRARY(alr, m) {
   // Python code adding ops to this namespace must use torch.library.Library("alr",
@@ -28,47 +61,34 @@ TORCH_LIBRARY(alr, m) {
   // bucket (the parameters of one param group on one device and dtype).
   //
   // The step ops are typed per algorithm, as ATen's _fused_adam_ / _fused_sgd_ are. Their
-  // schemas follow the algorithm's declaration in alr/algorithms.py (alr.op_args.op_schema
-  // generates the same strings, and tests/test_declarations.py compares them): the tensor
+  // schemas are generated from the native declaration (algorithms.h), the mirror of
+  // alr/algorithms.py (alr.op_args.op_schema generates the same strings, and
+  // tests/test_declarations.py compares them): the tensor
   // lists params, grads, steps, then the algorithm's state streams in declaration order, the
   // float32 master copies of 16-bit parameters (or empty) and, for updates, the 0-d int64
   // stochastic-rounding keys (or empty); a stream the options do not keep is an empty list,
   // and that is how the ops learn amsgrad, momentum and the stored previous direction.
   // `hyper` holds the algorithm's float hyper-parameters in the declared order
-  // (ops::adam_hyper, ops::sgd_hyper in op_inputs.h). The state lists share one dtype: the
+  // (AlgorithmDecl::hyper). The state lists share one dtype: the
   // parameters', float32 or bfloat16 (state_dtype).
 
   // Per-tensor [n, 2] float32: squared L2 norm of grad / grad_scale, nonfinite flag (0/1).
   m.def("grad_stats(Tensor[] grads, Tensor? grad_scale) -> Tensor");
 
-  // Per-tensor [n, 3] float32 hypergradient statistics g·d_prev, g·g, d_prev·d_prev of the
-  // state before any update (the read-only pre-pass of hypergrad_exact).
-  m.def(
-      "adam_hypergrad_stats(Tensor[] params, Tensor[] grads, Tensor[] steps, Tensor[] exp_avg, "
-      "Tensor[] exp_avg_sq, Tensor[] max_exp_avg_sq, Tensor[] master_param, Tensor? grad_scale, "
-      "Tensor? clip_coef, *, float[] hyper, bool decoupled_weight_decay, bool maximize) -> Tensor");
-  m.def(
-      "sgd_hypergrad_stats(Tensor[] params, Tensor[] grads, Tensor[] steps, Tensor[] momentum_buffer, "
-      "Tensor[] hypergrad_prev_direction, Tensor[] master_param, Tensor? grad_scale, Tensor? clip_coef, *, "
-      "float[] hyper, bool nesterov, bool maximize) -> Tensor");
-
-  // One step over the bucket, in place: params, state and step counters (unless the 0-d
-  // bool `skip` is true: then nothing is written). alphas: float64 [n] effective learning
-  // rates. Returns the [n, 3] statistics of *_hypergrad_stats taken before the update when
-  // collect_stats, else an empty [0, 3] tensor. With master_param, the master copies are
-  // updated and the parameters receive their images rounded to nearest; with rounding_key
-  // (bfloat16 parameters without masters), the parameters are rounded stochastically from
-  // the stream of (key, step, element offset) of alr/reference.py.
-  m.def(
-      "adam_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] exp_avg, "
-      "Tensor(d!)[] exp_avg_sq, Tensor(e!)[] max_exp_avg_sq, Tensor(f!)[] master_param, Tensor[] rounding_key, "
-      "Tensor alphas, Tensor? grad_scale, Tensor? clip_coef, Tensor? skip, *, float[] hyper, "
-      "bool decoupled_weight_decay, bool maximize, bool collect_stats) -> Tensor");
-  m.def(
-      "sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] momentum_buffer, "
-      "Tensor(d!)[] hypergrad_prev_direction, Tensor(e!)[] master_param, Tensor[] rounding_key, Tensor alphas, "
-      "Tensor? grad_scale, Tensor? clip_coef, Tensor? skip, *, float[] hyper, bool nesterov, bool maximize, "
-      "bool collect_stats) -> Tensor");
+  // Per algorithm (algorithms.h), <name>_hypergrad_stats: per-tensor [n, 3] float32
+  // hypergradient statistics g·d_prev, g·g, d_prev·d_prev of the state before any update (the
+  // read-only pre-pass of hypergrad_exact); and <name>_update_: one step over the bucket, in
+  // place: params, state and step counters (unless the 0-d bool `skip` is true: then nothing
+  // is written). alphas: float64 [n] effective learning rates. Returns the [n, 3] statistics
+  // of *_hypergrad_stats taken before the update when collect_stats, else an empty [0, 3]
+  // tensor. With master_param, the master copies are updated and the parameters receive
+  // their images rounded to nearest; with rounding_key (bfloat16 parameters without
+  // masters), the parameters are rounded stochastically from the stream of (key, step,
+  // element offset) of alr/reference.py.
+  for (const alr::AlgorithmDecl& algorithm : alr::kAlgorithms) {
+    m.def(step_op_schema(algorithm, /*update=*/false).c_str());
+    m.def(step_op_schema(algorithm, /*update=*/true).c_str());
+  }
 
   // Debugging and benchmarking: the instruction set of the CPU kernels ("default", "avx2",
   // "avx512"); a non-empty `requested` switches to it (an error if this CPU lacks it).

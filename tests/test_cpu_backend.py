@@ -118,7 +118,7 @@ def test_op_rejects_inconsistent_buckets() -> None:
         _native.update(bucket, hyper, alphas, None, None, None, False)
     bucket = _bucket(hyper)
     bucket.state["exp_avg"] = bucket.state["exp_avg"][:-1]
-    with pytest.raises(RuntimeError, match="exp_avgs"):
+    with pytest.raises(RuntimeError, match="exp_avg"):
         _native.update(bucket, hyper, alphas, None, None, None, False)
 
 
@@ -126,7 +126,7 @@ def test_op_rejects_inconsistent_buckets() -> None:
     ("dtype", "change", "message"),
     [
         (torch.float32, lambda b: b.state.update(exp_avg=[m.half() for m in b.state["exp_avg"]]), "state tensors must have"),
-        (torch.float32, lambda b: b.state.update(exp_avg_sq=[v.bfloat16() for v in b.state["exp_avg_sq"]]), r"exp_avg_sqs\[0\] has dtype"),
+        (torch.float32, lambda b: b.state.update(exp_avg_sq=[v.bfloat16() for v in b.state["exp_avg_sq"]]), r"exp_avg_sq\[0\] has dtype"),
         (torch.float32, lambda b: b.state.update(master_param=[p.clone() for p in b.params]), "master_params are kept for bfloat16"),
         (torch.bfloat16, lambda b: b.state.update(master_param=[p.clone() for p in b.params]), r"master_params\[0\] has dtype"),
         (torch.float16, lambda b: b.state.update(rounding_key=[torch.tensor(1) for _ in b.params]), "rounding_keys round bfloat16"),

@@ -139,7 +139,7 @@ GradArgs grad_args(const Hyper& h, double grad_scale, bool has_scale, double cli
   g.grad_scale = to_opmath(grad_scale, d);
   // -(g·c) == g·(-c) exactly, and g·1 == g: maximize and clipping fold into one factor.
   g.grad_mult = to_opmath(clip, d) * (h.maximize ? -1.0 : 1.0);
-  g.coupled_decay = h.weight_decay != 0 && !(h.adam && h.decoupled_weight_decay);
+  g.coupled_decay = h.weight_decay != 0 && !(h.algorithm == Algorithm::kAdam && h.decoupled_weight_decay);
   g.weight_decay = to_opmath(h.weight_decay, d);
   return g;
 }
@@ -313,9 +313,10 @@ class AdamTensors {
   void fill(AdamArgs& a, int64_t i, const TensorStager& stage, double step_before, double alpha) {
     const Hyper& h = in_.h;
     a.amsgrad = h.amsgrad;
-    a.exp_avg = stage(in_.st.exp_avgs[i], true);
-    a.exp_avg_sq = stage(in_.st.exp_avg_sqs[i], true);
-    a.max_exp_avg_sq = h.amsgrad ? stage(in_.st.max_exp_avg_sqs[i], true) : a.exp_avg_sq;
+    const State& st = in_.st;
+    a.exp_avg = stage(st[adam_stream::kExpAvg][i], true);
+    a.exp_avg_sq = stage(st[adam_stream::kExpAvgSq][i], true);
+    a.max_exp_avg_sq = h.amsgrad ? stage(st[adam_stream::kMaxExpAvgSq][i], true) : a.exp_avg_sq;
     const scalars::AdamTensorScalars s = scalars::adam_tensor_scalars(
         corrections(step_before), alpha, h.eps, h.weight_decay, h.weight_decay != 0 && h.decoupled_weight_decay);
     a.decay_factor = opmath(s.decay_factor);
@@ -358,8 +359,9 @@ class SgdTensors {
     a.store_prev = h.needs_prev_direction;
     // Read-only statistics without a stored previous direction take d_{t-1} from the buffer.
     const bool read_buffer = write ? a.momentum_enabled : !a.store_prev;
-    a.momentum_buffer = read_buffer ? stage(in_.st.momentum_buffers[i], a.momentum_enabled) : nullptr;
-    a.prev_direction = a.store_prev ? stage(in_.st.prev_directions[i], true) : nullptr;
+    const State& st = in_.st;
+    a.momentum_buffer = read_buffer ? stage(st[sgd_stream::kMomentumBuffer][i], a.momentum_enabled) : nullptr;
+    a.prev_direction = a.store_prev ? stage(st[sgd_stream::kPrevDirection][i], true) : nullptr;
     const scalars::SgdTensorScalars s = scalars::sgd_tensor_scalars(h.dampening, step_before, alpha);
     a.momentum = opmath(h.momentum);
     a.damp_weight = opmath(s.damp_weight);
@@ -374,7 +376,7 @@ class SgdTensors {
 };
 
 Tensor step_call(const StepInputs& in) {
-  if (in.h.adam) {
+  if (in.h.algorithm == Algorithm::kAdam) {
     AdamTensors tensors(in);
     return run_step(in, table().adam[in.variant], tensors);
   }
@@ -500,8 +502,8 @@ TORCH_LIBRARY_IMPL(alr, CPU, m) {
 
 TORCH_LIBRARY_IMPL(alr, Autograd, m) {
   m.impl("grad_stats", torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
-  for (const char* name : ops::kStepOps) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
+  for (const std::string& name : ops::step_op_names()) {
+    m.impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
   }
 }
 

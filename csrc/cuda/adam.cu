@@ -6,6 +6,7 @@
 // rounded to float: exactly the values alr/reference.py computes with float64 tensor ops
 // and `.to(opmath)` (and csrc/cpu/ops.cpp computes on the host).
 #include "cuda/apply.cuh"
+#include "algorithms.h"
 #include "cuda/launch.h"
 #include "step_scalars.h"
 
@@ -15,10 +16,11 @@ namespace {
 
 struct Adam {
   using Hyper = AdamHyper;
-  static constexpr int kRows = adam_rows::kCount;
-  static constexpr int kStepRow = adam_rows::kStep;
-  static constexpr int kMasterOrKeyRow = adam_rows::kMasterOrKey;
-  static constexpr int kState = adam_rows::kMasterOrKey - 2;  // exp_avg, exp_avg_sq, max_exp_avg_sq
+  static constexpr Algorithm kAlgorithm = Algorithm::kAdam;
+  static constexpr int kRows = num_rows(kAlgorithm);
+  static constexpr int kStepRow = step_row(kAlgorithm);
+  static constexpr int kMasterOrKeyRow = master_or_key_row(kAlgorithm);
+  static constexpr int kState = num_streams(kAlgorithm);
   static constexpr int kStreams = 2 + kState;
 
   struct TensorScalars {
@@ -52,12 +54,11 @@ struct Adam {
 
     template <bool kStats, int kSlots>
     __device__ __forceinline__ void apply(float (&x)[kStreams], float (&acc)[kSlots], bool write) const {
-      using namespace adam_rows;
-      float& p = x[kParam];
-      float& m = x[kExpAvg];
-      float& v = x[kExpAvgSq];
-      float& vmax = x[kMaxExpAvgSq];
-      const float g = grad(x[kGrad], p);
+      float& p = x[kParamRow];
+      float& m = x[stream_row(adam_stream::kExpAvg)];
+      float& v = x[stream_row(adam_stream::kExpAvgSq)];
+      float& vmax = x[stream_row(adam_stream::kMaxExpAvgSq)];
+      const float g = grad(x[kGradRow], p);
       if constexpr (kStats) {
         const float d = math::adam_prev_direction(m, amsgrad ? vmax : v, prev_scale, prev_eps);
         acc[0] += g * d;
@@ -92,8 +93,6 @@ struct Adam {
   }
 };
 
-static_assert(adam_rows::kParam == 0 && adam_rows::kGrad == 1 && adam_rows::kExpAvg == 2,
-              "apply.cuh's step_streams reads the rows as parameter, gradient, state, master");
 
 }  // namespace
 

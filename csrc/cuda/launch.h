@@ -36,18 +36,12 @@ constexpr bool has_kernels(const Variant& variant) { return index_of_variant(kVa
 // step kernels.
 enum class Mode : int { kUpdate = 0, kUpdateStats = 1, kStatsOnly = 2 };
 
-// Pointer rows of a tensor, in the order of the TensorTable rows (multi_tensor.h): the
-// parameter, the gradient (read-only) and the state tensors (the data streams of the
-// element loop, in this order), then row kMasterOrKey and the step row, which points at a
-// 0-d float32 or float64 counter. Row kMasterOrKey holds the float32 master copy (a data
-// stream laid out like the parameter) under ParamWrite::kMaster, the 0-d int64 rounding key
-// under kStochastic, else nullptr: the two options exclude each other, so they share a row.
-namespace adam_rows {
-enum : int { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kMasterOrKey, kStep, kCount };
-}
-namespace sgd_rows {
-enum : int { kParam = 0, kGrad, kMomentumBuffer, kPrevDirection, kMasterOrKey, kStep, kCount };
-}
+// The pointer rows of a tensor are algorithms.h's (num_rows: the parameter, the gradient
+// (read-only), the algorithm's state streams in declaration order, the master copy or
+// rounding key, the step counter, which points at a 0-d float32 or float64 counter). The
+// master/key row holds the float32 master copy (a data stream laid out like the parameter)
+// under ParamWrite::kMaster, the 0-d int64 rounding key under kStochastic, else nullptr: the
+// two options exclude each other, so they share a row.
 
 // Device scalars of a call (nullptr: absent). All live on the call's device.
 struct DeviceScalars {
@@ -87,8 +81,8 @@ struct SgdHyper {
   bool store_prev;     // d_t goes to (and d_{t-1} comes from) the prev-direction row
 };
 
-// One call over n tensors: numels [n]; ptrs [n][rows] (row-major, rows = adam_rows::kCount
-// or sgd_rows::kCount; a tensor's unused rows are nullptr). Statistics rows are laid out
+// One call over n tensors: numels [n]; ptrs [n][rows] (row-major, rows = num_rows of the
+// algorithm; a tensor's unused rows are nullptr). Statistics rows are laid out
 // as multi_tensor.h describes; the total is num_chunks summed over the tensors.
 // Mode::kStatsOnly reads the parameter (or its master) and never takes kStochastic.
 void launch_adam(const Variant& variant, Mode mode, const int64_t* numels, int64_t n, void* const* ptrs,

@@ -119,7 +119,7 @@ GradHyper grad_hyper(const Hyper& h, bool steps_double) {
   GradHyper g{};
   g.grad_sign = h.maximize ? -1.0f : 1.0f;
   g.weight_decay = static_cast<float>(h.weight_decay);
-  g.coupled_decay = h.weight_decay != 0 && !(h.adam && h.decoupled_weight_decay);
+  g.coupled_decay = h.weight_decay != 0 && !(h.algorithm == Algorithm::kAdam && h.decoupled_weight_decay);
   g.steps_double = steps_double;
   return g;
 }
@@ -191,39 +191,36 @@ struct Call {
   Call(int64_t n, int rows) : numels(n, 0), ptrs(n * rows, nullptr) {}
 };
 
-static_assert(adam_rows::kStep == adam_rows::kCount - 1 && sgd_rows::kStep == sgd_rows::kCount - 1,
-              "fill_rows puts the step counter in the last row");
-static_assert(adam_rows::kMasterOrKey == adam_rows::kCount - 2 && sgd_rows::kMasterOrKey == sgd_rows::kCount - 2,
-              "fill_rows puts the rounding key in the row before the step counter's");
-
-// The rows of tensor i: the parameter (or its staged reference) first, then `others` in
-// row order (ending with the master copy), each staged to the reference's layout when
-// needed; undefined tensors (state the call does not use) leave their row null. The
-// rounding key, when given, takes the master's row (the two exclude each other).
-void fill_rows(Call& call, int64_t i, int rows, const Tensor& param, bool write,
-               std::initializer_list<std::pair<const Tensor*, bool>> others, const Tensor* rounding_key,
-               const Tensor& step) {
+// The rows of tensor i (algorithms.h): the parameter (or its staged reference), the
+// gradient, the state streams the call reads, the master copy or the rounding key, the step
+// counter. Data streams are staged to the reference's layout when needed (and copied back
+// when the call writes); the rows of streams the call does not read stay null.
+void fill_rows(Call& call, int64_t i, int rows, const Hyper& h, bool write, const Tensor& param, const Tensor& grad,
+               const State& st, const Variant& variant, const Tensor& step) {
   void** row = call.ptrs.data() + i * rows;
-  row[rows - 1] = step.data_ptr();
-  if (rounding_key != nullptr) {
-    row[rows - 2] = const_cast<void*>(rounding_key->const_data_ptr());
+  row[step_row(h.algorithm)] = step.data_ptr();
+  if (variant.write == ParamWrite::kStochastic) {
+    row[master_or_key_row(h.algorithm)] = const_cast<void*>(st.rounding_keys[i].const_data_ptr());
   }
   call.numels[i] = param.numel();
   if (param.numel() == 0) {
     return;
   }
   const Tensor& ref = call.staging.reference(param, write);
-  row[0] = ref.data_ptr();
-  int r = 1;
-  for (const auto& [tensor, mutated] : others) {
-    if (tensor != nullptr) {
-      row[r] = const_cast<void*>(call.staging.stage(*tensor, ref, write && mutated).const_data_ptr());
+  const auto stage = [&](const Tensor& t, bool mutated) {
+    return const_cast<void*>(call.staging.stage(t, ref, write && mutated).const_data_ptr());
+  };
+  row[kParamRow] = ref.data_ptr();
+  row[kGradRow] = stage(grad, false);
+  for (int k = 0; k < num_streams(h.algorithm); ++k) {
+    if (ops::reads_stream(h, k, write)) {
+      row[stream_row(k)] = stage(st[k][i], true);
     }
-    ++r;
+  }
+  if (variant.write == ParamWrite::kMaster) {
+    row[master_or_key_row(h.algorithm)] = stage(st.master_params[i], true);
   }
 }
-
-const Tensor* entry(TensorList list, bool used, int64_t i) { return used ? &list[i] : nullptr; }
 
 // Runs `mode` over the bucket; returns the [n, 3] statistics (undefined for Mode::kUpdate).
 Tensor step_call(const Hyper& h, const Variant& variant, TensorList params, TensorList grads, TensorList steps,
@@ -232,31 +229,10 @@ Tensor step_call(const Hyper& h, const Variant& variant, TensorList params, Tens
   const bool write = mode != Mode::kStatsOnly;
   const bool stats = mode != Mode::kUpdate;
   const bool steps_double = check_steps(steps, params[0].device());
-  const int rows = h.adam ? static_cast<int>(adam_rows::kCount) : static_cast<int>(sgd_rows::kCount);
+  const int rows = num_rows(h.algorithm);
   Call call(n, rows);
-  // SGD's momentum buffer row: the buffer itself, or (statistics only, heavy-ball momentum)
-  // the source of d_{t-1}.
-  const bool read_buffer = write ? h.momentum != 0 : !h.needs_prev_direction;
-  const bool master = variant.write == ParamWrite::kMaster;
-  const bool stochastic = variant.write == ParamWrite::kStochastic;
   for (const auto i : c10::irange(n)) {
-    const Tensor* rounding_key = entry(st.rounding_keys, stochastic, i);
-    if (h.adam) {
-      fill_rows(call, i, rows, params[i], write,
-                {{&grads[i], false},
-                 {&st.exp_avgs[i], true},
-                 {&st.exp_avg_sqs[i], true},
-                 {entry(st.max_exp_avg_sqs, h.amsgrad, i), true},
-                 {entry(st.master_params, master, i), true}},
-                rounding_key, steps[i]);
-    } else {
-      fill_rows(call, i, rows, params[i], write,
-                {{&grads[i], false},
-                 {entry(st.momentum_buffers, read_buffer, i), true},
-                 {entry(st.prev_directions, h.needs_prev_direction, i), true},
-                 {entry(st.master_params, master, i), true}},
-                rounding_key, steps[i]);
-    }
+    fill_rows(call, i, rows, h, write, params[i], grads[i], st, variant, steps[i]);
   }
   Tensor partials;
   if (stats) {
@@ -264,7 +240,7 @@ Tensor step_call(const Hyper& h, const Variant& variant, TensorList params, Tens
     scalars.partials = partials.mutable_data_ptr<double>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (h.adam) {
+  if (h.algorithm == Algorithm::kAdam) {
     launch_adam(variant, mode, call.numels.data(), n, call.ptrs.data(), adam_hyper(h, steps_double), scalars,
                 stream);
   } else {

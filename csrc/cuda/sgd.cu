@@ -2,6 +2,7 @@
 // per-tensor scalars (csrc/step_scalars.h, computed as in adam.cu) and element functor (the
 // math of alr_math.h), one kernel per storage variant (launch.h).
 #include "cuda/apply.cuh"
+#include "algorithms.h"
 #include "cuda/launch.h"
 #include "step_scalars.h"
 
@@ -11,10 +12,11 @@ namespace {
 
 struct Sgd {
   using Hyper = SgdHyper;
-  static constexpr int kRows = sgd_rows::kCount;
-  static constexpr int kStepRow = sgd_rows::kStep;
-  static constexpr int kMasterOrKeyRow = sgd_rows::kMasterOrKey;
-  static constexpr int kState = sgd_rows::kMasterOrKey - 2;  // momentum_buffer, prev_direction
+  static constexpr Algorithm kAlgorithm = Algorithm::kSgd;
+  static constexpr int kRows = num_rows(kAlgorithm);
+  static constexpr int kStepRow = step_row(kAlgorithm);
+  static constexpr int kMasterOrKeyRow = master_or_key_row(kAlgorithm);
+  static constexpr int kState = num_streams(kAlgorithm);
   static constexpr int kStreams = 2 + kState;
 
   struct TensorScalars {
@@ -41,11 +43,10 @@ struct Sgd {
 
     template <bool kStats, int kSlots>
     __device__ __forceinline__ void apply(float (&x)[kStreams], float (&acc)[kSlots], bool write) const {
-      using namespace sgd_rows;
-      float& p = x[kParam];
-      float& b = x[kMomentumBuffer];
-      float& prev = x[kPrevDirection];
-      const float g = grad(x[kGrad], p);
+      float& p = x[kParamRow];
+      float& b = x[stream_row(sgd_stream::kMomentumBuffer)];
+      float& prev = x[stream_row(sgd_stream::kPrevDirection)];
+      const float g = grad(x[kGradRow], p);
       if constexpr (kStats) {
         const float d = store_prev ? prev : b;
         acc[0] += g * d;
@@ -73,8 +74,6 @@ struct Sgd {
   }
 };
 
-static_assert(sgd_rows::kParam == 0 && sgd_rows::kGrad == 1 && sgd_rows::kMomentumBuffer == 2,
-              "apply.cuh's step_streams reads the rows as parameter, gradient, state, master");
 
 }  // namespace
 

@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "algorithms.h"
 #include "cpu/kernels.h"
 #include "cpu/multi_tensor.h"
 #include "cuda/multi_tensor.h"
@@ -947,8 +948,8 @@ void test_cuda_launch_packing() {
   check_packing<Small>(std::vector<int64_t>(100, 3), 4);
 
   // The production tables, with tensors of more than 2^31 elements (planned, never allocated).
-  using AdamTable = alr::cuda::TableFor<7>::type;  // adam_rows::kCount (csrc/cuda/launch.h)
-  using SgdTable = alr::cuda::TableFor<6>::type;   // sgd_rows::kCount
+  using AdamTable = alr::cuda::TableFor<alr::num_rows(alr::Algorithm::kAdam)>::type;
+  using SgdTable = alr::cuda::TableFor<alr::num_rows(alr::Algorithm::kSgd)>::type;
   const int64_t big = (int64_t{1} << 31) + 7;
   check_packing<AdamTable>({big, 1024, 0, 3 * (int64_t{1} << 31) + 12345, 1}, alr::cuda::kChunkSize);
   check_packing<AdamTable>(std::vector<int64_t>(1000, 4096), alr::cuda::kChunkSize);
