@@ -136,27 +136,34 @@ def _adapt_all(
     groups: list[GroupWork], stats: list[list[Tensor]], skip: Tensor | None, reduction: StatsReduction | None
 ) -> None:
     """Sum each group's per-tensor hypergradient statistics over its scopes, make them
-    global (one collective for all groups), and update κ and ``a``."""
+    global (one collective for all groups), and update κ and ``a``. In tensor scope a tensor
+    that no rank stepped (no gradient) keeps its κ and ``a``."""
     scoped = [_scoped(group, s) for group, s in zip(groups, stats)]
     if reduction is not None:
         reduction.sum_([s for group, s in zip(groups, scoped) if reduction.per_tensor or group.kappa.dim() == 0])
     for group, s in zip(groups, scoped):
         kappa = group.kappa
         new_kappa, new_avg = reference.adapt_kappa(
-            kappa, group.grad_sq_avg, s, group.hyper.lr, group.hyper, _on(skip, kappa.device)
+            kappa, group.grad_sq_avg, s[..., :3], group.hyper.lr, group.hyper, _on(skip, kappa.device)
         )
+        if kappa.dim() > 0:
+            stepped = s[:, 3] > 0
+            new_kappa, new_avg = torch.where(stepped, new_kappa, kappa), torch.where(stepped, new_avg, group.grad_sq_avg)
         kappa.copy_(new_kappa)
         group.grad_sq_avg.copy_(new_avg)
 
 
 def _scoped(group: GroupWork, stats: list[Tensor]) -> Tensor:
-    """float32 ``[3]`` (group scope) or ``[len(group params), 3]`` (tensor scope)."""
+    """float32 ``[3]`` (group scope) or ``[len(group params), 4]`` (tensor scope: the three
+    statistics and a count of the ranks that stepped the tensor, 0 for a tensor without a
+    gradient; summed with the statistics by a distributed reduction)."""
     kappa = group.kappa
     if kappa.dim() == 0:
         return torch.cat([s.to(kappa.device) for s in stats] or [torch.zeros(0, 3, device=kappa.device)]).sum(0)
-    scoped = torch.zeros(kappa.numel(), 3, dtype=kappa.dtype, device=kappa.device)
+    scoped = torch.zeros(kappa.numel(), 4, dtype=kappa.dtype, device=kappa.device)
     for bucket, s in zip(group.buckets, stats):
-        scoped.index_copy_(0, bucket.position_index().to(kappa.device), s.to(kappa.device))
+        s = torch.nn.functional.pad(s.to(kappa.device), (0, 1), value=1.0)
+        scoped.index_copy_(0, bucket.position_index().to(kappa.device), s)
     return scoped
 
 

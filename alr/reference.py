@@ -76,7 +76,8 @@ raising κ until the step diverges) the adaptation fades with them. Early on ``a
 still below ``gg_S`` and ``c`` is the cosine.
 
 A scope whose statistics are not finite (they overflowed float32) leaves ``κ`` and ``a``
-unchanged, as does a skipped step.
+unchanged, as does a skipped step; in tensor scope so does a step in which the tensor has no
+gradient (torch.optim does not step it).
 
 By default the statistics gathered while applying step ``t`` update ``κ`` for step ``t + 1``
 (one read-modify-write pass). With ``hypergrad_exact`` a read-only pre-pass computes them

@@ -98,9 +98,10 @@ def test_fsdp_dcp_checkpoint_resumes_exactly(ranks) -> None:
 
 def test_fsdp_statistics_take_one_collective_per_phase(ranks) -> None:
     """One packed all_reduce for the pre-pass (Σ g², nonfinite count) and one for the
-    hypergradient statistics (3 per tensor, per-tensor κ): not one per tensor."""
+    hypergradient statistics (per-tensor κ: 3 per tensor and the count of ranks that stepped
+    it): not one per tensor."""
     n_tensors = len(ranks[0]["fsdp"]["params"])
-    assert ranks[0]["fsdp"]["collectives"] == [2, 3 * n_tensors]
+    assert ranks[0]["fsdp"]["collectives"] == [2, 4 * n_tensors]
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized:UserWarning")

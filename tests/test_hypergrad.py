@@ -251,3 +251,26 @@ def test_kappa_stays_in_bounds_for_huge_finite_gradients(algorithm: dict, mode: 
             f"step {step + 1}: kappa {kappa.tolist()} left its bounds"
         )
         assert all(torch.isfinite(p).all() for p in params), f"step {step + 1}: a parameter became nonfinite"
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_tensor_without_gradient_keeps_its_kappa_and_running_mean(any_backend, exact: bool) -> None:
+    """Tensor scope: a step in which a tensor has no gradient leaves its κ and ``a`` as they
+    were (torch.optim does not step it), while the others adapt."""
+    backend, device = any_backend
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=generator).to(device).requires_grad_() for n in (8, 5)]
+    opt = alr.ALROptimizer(params, lr=0.1, backend=backend, hypergrad="mult", hypergrad_scope="tensor",
+                           hypergrad_lr=0.5, hypergrad_exact=exact, skip_nonfinite=False)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator).to(device)
+        opt.step()
+    group = opt.param_groups[0]
+    kappa, avg = opt.stats().kappa[0].clone(), group["hypergrad_grad_sq_avg"].clone()
+    params[1].grad = None
+    params[0].grad = torch.randn(8, generator=generator).to(device)
+    opt.step()
+    new_kappa, new_avg = opt.stats().kappa[0], group["hypergrad_grad_sq_avg"]
+    assert torch.equal(new_kappa[1], kappa[1]) and torch.equal(new_avg[1], avg[1])
+    assert not torch.equal(new_avg[0], avg[0]) and not torch.equal(new_kappa[0], kappa[0])
