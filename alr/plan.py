@@ -7,18 +7,24 @@ from changes. Per step only the gradients are collected and checked.
 **Invalidation rule.** A group's plan is rebuilt at the next step when any of these differs
 from when it was built:
 
-* the param-group dict itself (a group replaced in ``param_groups``);
+* the param-group dict itself (a group replaced in ``param_groups``), or its ``params``
+  list: its length or any entry (a parameter replaced or added by hand);
 * which of the group's parameters have a gradient;
 * the options that decide which state tensors exist (:attr:`GroupHyper.state_layout`) and
   the group's ``backend``;
 * the optimizer's state: the ``state`` mapping object, its number of entries, or its
-  version, which :meth:`PlanCache.invalidate` advances (``load_state_dict`` calls it).
+  version, which :meth:`PlanCache.invalidate` advances (``load_state_dict`` calls it); and
+  for each stepped parameter its state dict (``opt.state[p] = {}``) and every tensor in it
+  (``opt.state[p]["exp_avg"] = t``), by identity.
 
-Each step also checks that the gradients have the shapes, dtype, device and (dense) layout
-the plan was validated with; when they do not (a parameter resized through ``p.data``, a
-gradient replaced through ``p.grad.data``), the plan is rebuilt, which validates every
-tensor again and raises naming what differs. Replacing a state tensor or a parameter list
-in place, by hand, is not (yet) followed.
+Each step also checks that the parameters and gradients have the shapes, dtype, device and
+(dense) layout the plan was validated with; when they do not (a parameter resized or cast
+through ``p.data``, a gradient replaced through ``p.grad.data``), the plan is rebuilt, which
+validates every tensor again and raises naming what differs. In-place changes to a tensor's
+values (``copy_``) need nothing: the plan holds the tensors themselves.
+
+The identity checks are C-level maps over the tensors, about 1 µs per tensor per step
+altogether (``bench``: see the README's "Reliability").
 """
 
 from __future__ import annotations
@@ -42,27 +48,62 @@ __all__ = ["PlanCache", "bucket_group"]
 
 
 @dataclass
+class PlanSources:
+    """What one bucket was built from, by identity: the group's parameters at its positions,
+    their state dicts and, per state key (``step`` and each stream), the dicts' values."""
+
+    params: list[Tensor]
+    entries: list[dict[str, Any]]
+    values: dict[str, list[Any]]
+
+    def hold(self, state: dict[Tensor, dict[str, Any]]) -> bool:
+        """Whether ``state`` still holds these dicts and values (the same objects)."""
+        entries = list(map(state.get, self.params))
+        if any(map(operator.is_not, entries, self.entries)):
+            return False
+        try:
+            return not any(
+                any(map(operator.is_not, map(operator.itemgetter(key), entries), values))
+                for key, values in self.values.items()
+            )
+        except KeyError:
+            return False
+
+
+@dataclass
 class GroupPlan:
-    """A param group's buckets, valid while ``key`` (see :meth:`PlanCache.buckets`) holds and
-    each step's gradients have the shapes (``shapes``, per bucket), dtype, device and layout
-    the buckets were validated with."""
+    """A param group's buckets, valid while ``key`` (see :meth:`PlanCache.buckets`) and the
+    sources hold and each step's parameters and gradients have the shapes (``shapes``, per
+    bucket), dtype, device and layout the buckets were validated with."""
 
     group: dict[str, Any]
     key: tuple
+    params: list[Tensor]
     buckets: list[Bucket]
+    sources: list[PlanSources]
     shapes: list[list[torch.Size]]
+    kinds: list[tuple[torch.dtype, int]]
+    """Per bucket, the dtype and ``get_device()`` its tensors were validated with."""
+
+    def holds(self, group: dict[str, Any], state: dict[Tensor, dict[str, Any]]) -> bool:
+        """Whether the group's parameter list and the state are those the plan was built from."""
+        params = group["params"]
+        if len(params) != len(self.params) or any(map(operator.is_not, params, self.params)):
+            return False
+        return all(sources.hold(state) for sources in self.sources)
 
     def take_grads(self, grads: list[Tensor | None]) -> bool:
-        """Give every bucket this step's gradients, if they are as validated (four C-level
-        maps per bucket: ~0.3 µs per tensor, against ~0.6 µs for checking each tensor in a
-        Python loop); False, assigning nothing, if any is not."""
+        """Give every bucket this step's gradients, if they and the parameters are as
+        validated (C-level maps per bucket: ~0.3 µs per tensor, against ~0.6 µs for checking
+        each tensor in a Python loop); False, assigning nothing, if any is not."""
         fresh = [[grads[i] for i in bucket.positions] for bucket in self.buckets]
-        for bucket, shapes, bucket_grads in zip(self.buckets, self.shapes, fresh):
-            if list(map(_shape, bucket_grads)) != shapes or set(map(_dtype, bucket_grads)) != {bucket.dtype}:
-                return False
-            # get_device (-1 on the CPU) costs half of reading .device.
-            if set(map(Tensor.get_device, bucket_grads)) != {bucket.params[0].get_device()}:
-                return False
+        for bucket, shapes, (dtype, device), bucket_grads in zip(self.buckets, self.shapes, self.kinds, fresh):
+            for tensors in (bucket.params, bucket_grads):
+                if list(map(_shape, tensors)) != shapes or set(map(_dtype, tensors)) != {dtype}:
+                    return False
+                # get_device (-1 on the CPU) costs half of reading .device.
+                if set(map(Tensor.get_device, tensors)) != {device}:
+                    return False
             if set(map(_layout, bucket_grads)) != {torch.strided}:
                 return False
         for bucket, bucket_grads in zip(self.buckets, fresh):
@@ -97,14 +138,23 @@ class PlanCache:
         parameter of the group, None where it has none); ``build`` makes new buckets (it may
         add state, so the key is taken after it)."""
         plan = self._plans.get(id(group))
-        fresh = plan is not None and plan.group is group and plan.key == self._key(group, hyper, grads, state)
+        fresh = (
+            plan is not None
+            and plan.group is group
+            and plan.key == self._key(group, hyper, grads, state)
+            and plan.holds(group, state)
+        )
         if fresh and plan.take_grads(grads):
             return plan.buckets
-        # A new plan, or gradients unlike the validated ones: bucketing validates everything
+        # A new plan, or tensors unlike the validated ones: bucketing validates everything
         # again and raises naming what differs.
         buckets = build()
         shapes = [[p.shape for p in bucket.params] for bucket in buckets]
-        self._plans[id(group)] = GroupPlan(group, self._key(group, hyper, grads, state), buckets, shapes)
+        params = list(group["params"])
+        sources = [_sources(bucket, params, state) for bucket in buckets]
+        kinds = [(bucket.dtype, bucket.params[0].get_device()) for bucket in buckets]
+        key = self._key(group, hyper, grads, state)
+        self._plans[id(group)] = GroupPlan(group, key, params, buckets, sources, shapes, kinds)
         return buckets
 
     def _key(self, group: dict[str, Any], hyper: GroupHyper, grads: list[Tensor | None], state: dict) -> tuple:
@@ -116,6 +166,13 @@ class PlanCache:
             len(state),
             self._version,
         )
+
+
+def _sources(bucket: Bucket, params: list[Tensor], state: dict[Tensor, dict[str, Any]]) -> PlanSources:
+    origins = [params[i] for i in bucket.positions]
+    entries = [state[p] for p in origins]
+    keys = ("step", *bucket.state)
+    return PlanSources(origins, entries, {key: [entry[key] for entry in entries] for key in keys})
 
 
 def bucket_group(
