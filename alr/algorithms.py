@@ -340,11 +340,11 @@ def _check_sgd(lr, weight_decay, *, momentum, **_) -> None:
 
 
 def _sgd_scalars(hyper: GroupHyper, steps: Tensor, alphas: Tensor) -> Tensor:
-    """Columns ``SGD.scalar_columns``. The damping weight is ``torch.where(first_step, 1.0,
-    1.0 − dampening)``: a float32 tensor, as in the reference since its first version."""
+    """Columns ``SGD.scalar_columns``. The damping weight is ``1 − dampening`` in float64 (as
+    torch's Python float), 1 on the first step; a kernel rounds it to its opmath once."""
     damp = torch.ones_like(steps)
     if hyper.dampening != 0:
-        damp = torch.where(steps == 0, 1.0, 1.0 - hyper.dampening).double()
+        damp = torch.where(steps == 0, damp, torch.full_like(steps, 1.0 - hyper.dampening))
     return torch.stack([-alphas, damp], dim=1)
 
 

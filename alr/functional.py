@@ -85,9 +85,11 @@ def alr_step(
         totals = torch.stack([per_tensor[:, 0].sum(), per_tensor[:, 1].sum()])  # Σ g², tensors with inf/nan
         if reduction is not None:
             reduction.sum_([totals])
-        grad_norm.copy_(totals[0].sqrt())
+        # float64 when any gradient is (reference.grad_stats_dtype), else float32.
+        norm = totals[0].sqrt()
+        grad_norm.copy_(norm)
         if max_grad_norm is not None:
-            clip_coef = reference.clip_coefficient(grad_norm, max_grad_norm)
+            clip_coef = reference.clip_coefficient(norm, max_grad_norm)
         if skip_nonfinite:
             skip = totals[1] > 0
     if found_inf is not None:

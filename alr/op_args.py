@@ -71,8 +71,9 @@ def _stats_like(tensors: list[Tensor], rows: int, width: int) -> Tensor:
 
 
 def grad_stats_fake(grads: list[Tensor], *args) -> Tensor:
-    """float32 ``[len(grads), len(GRAD_STATS)]``."""
-    return _stats_like(grads, len(grads), len(GRAD_STATS))
+    """``[len(grads), len(GRAD_STATS)]``, float64 for float64 gradients, else float32."""
+    out = _stats_like(grads, len(grads), len(GRAD_STATS))
+    return out.double() if len(grads) and grads[0].dtype == torch.float64 else out
 
 
 def hypergrad_stats_fake(params: list[Tensor], *args, **kwargs) -> Tensor:

@@ -130,7 +130,13 @@ __all__ = [
 ]
 
 STATS_DTYPE = torch.float32
-"""dtype of every statistic and adaptive scalar (κ, grad norm)."""
+"""dtype of the hypergradient statistics and of κ and ``a``."""
+
+
+def grad_stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the gradient statistics of ``dtype`` gradients (and so of the grad norm and
+    clip coefficient they make): float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 CLIP_EPS = 1e-6
 """Added to the norm before dividing, as in ``torch.nn.utils.clip_grad_norm_``."""
@@ -202,15 +208,16 @@ def grad_stats(bucket: Bucket, grad_scale: Tensor | None) -> Tensor:
     """Per-tensor gradient statistics of the pre-pass (read-only).
 
     Returns:
-        float32 tensor of shape ``[len(bucket), 2]`` on the bucket's device: the squared L2
-        norm of ``grad / grad_scale`` and a 0/1 flag for any inf or nan element.
+        tensor of shape ``[len(bucket), 2]`` on the bucket's device, of
+        :func:`grad_stats_dtype`: the squared L2 norm of ``grad / grad_scale`` and a 0/1 flag
+        for any inf or nan element.
     """
     rows = []
     for grad in bucket.grads:
         g = _unscaled(grad, grad_scale, opmath_dtype(grad.dtype))
         norm = torch.linalg.vector_norm(g)
         rows.append(torch.stack([norm.square(), (~torch.isfinite(g)).any().to(norm.dtype)]))
-    return _as_stats(rows, bucket)
+    return _as_stats(rows, bucket, 2, grad_stats_dtype(bucket.dtype))
 
 
 def hypergrad_stats(
@@ -439,7 +446,7 @@ def _commit(dst: Tensor, new: Tensor, skip: Tensor | None) -> None:
         dst.copy_(new)
 
 
-def _as_stats(rows: list[Tensor], bucket: Bucket) -> Tensor:
+def _as_stats(rows: list[Tensor], bucket: Bucket, width: int = 3, dtype: torch.dtype = STATS_DTYPE) -> Tensor:
     if not rows:
-        return torch.zeros(0, 3, dtype=STATS_DTYPE, device=bucket.device)
-    return torch.stack(rows).to(STATS_DTYPE)
+        return torch.zeros(0, width, dtype=dtype, device=bucket.device)
+    return torch.stack(rows).to(dtype)

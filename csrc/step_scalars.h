@@ -61,11 +61,10 @@ struct SgdTensorScalars {
   double neg_lr;       // -α
 };
 
-// The reference's torch.where(first_step, 1.0, 1.0 - dampening) is a float32 tensor: the
-// double 1 - dampening rounded once to float, whatever the opmath.
+// 1 - dampening in double, as torch's Python float; the kernels round it to opmath once.
 ALR_HOST_DEVICE inline SgdTensorScalars sgd_tensor_scalars(double dampening, double step_before, double alpha) {
   SgdTensorScalars s;
-  s.damp_weight = (dampening == 0 || step_before == 0) ? 1.0 : static_cast<double>(static_cast<float>(1.0 - dampening));
+  s.damp_weight = (dampening == 0 || step_before == 0) ? 1.0 : 1.0 - dampening;
   s.neg_lr = -alpha;
   return s;
 }

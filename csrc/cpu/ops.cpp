@@ -187,10 +187,12 @@ void run(const WorkPlan& plan, const std::vector<Args>& args, Kernel kernel, dou
 }
 
 // Sums each tensor's segment slots in segment order into a [n, width] float32 tensor.
-Tensor reduce_slots(const WorkPlan& plan, const std::vector<double>& slots, int64_t n, int width,
-                    bool last_is_flag) {
-  Tensor out = at::empty({n, width}, at::TensorOptions().dtype(at::kFloat));
-  float* o = out.mutable_data_ptr<float>();
+// The [n, width] per-tensor sums of the segments' slots, in `dtype` (float32, or float64
+// for the gradient statistics of float64 gradients).
+Tensor reduce_slots(const WorkPlan& plan, const std::vector<double>& slots, int64_t n, int width, bool last_is_flag,
+                    at::ScalarType dtype = at::kFloat) {
+  Tensor sums = at::empty({n, width}, at::TensorOptions().dtype(at::kDouble));
+  double* o = sums.mutable_data_ptr<double>();
   for (int64_t i = 0; i < n; ++i) {
     for (int k = 0; k < width; ++k) {
       double acc = 0;
@@ -198,10 +200,10 @@ Tensor reduce_slots(const WorkPlan& plan, const std::vector<double>& slots, int6
         const double v = slots[s * width + k];
         acc = (last_is_flag && k == width - 1) ? (acc != 0 || v != 0 ? 1.0 : 0.0) : acc + v;
       }
-      o[i * width + k] = static_cast<float>(acc);
+      o[i * width + k] = acc;
     }
   }
-  return out;
+  return dtype == at::kDouble ? sums : sums.to(dtype);
 }
 
 const KernelTable& table() { return kernel_table(); }
@@ -234,7 +236,8 @@ Tensor grad_stats_cpu(TensorList grads, const std::optional<Tensor>& grad_scale)
   const WorkPlan plan = plan_work(numels.data(), n);
   std::vector<double> slots(plan.segments.size() * kGradStats);
   run(plan, args, table().grad_stats[static_cast<int>(d)], slots.data(), kGradStats);
-  return reduce_slots(plan, slots, n, kGradStats, /*last_is_flag=*/true);
+  return reduce_slots(plan, slots, n, kGradStats, /*last_is_flag=*/true,
+                      d == Dtype::kDouble ? at::kDouble : at::kFloat);
 }
 
 // --- update_ and hypergrad_stats: the step driver ------------------------------------------------
