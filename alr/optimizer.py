@@ -24,7 +24,7 @@ from .distributed import StatsReduction, local_grads, sharded_reduction
 from .functional import GroupWork, alr_step
 from .plan import PlanCache, bucket_group
 from .reference import STATS_DTYPE
-from .state import restore_loaded_state
+from .state import check_loaded_state, restore_loaded_state
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -62,6 +62,7 @@ class ALRStats:
         effective_lr: per param group, ``κ·lr`` of each parameter (same shapes).
         grad_norm: global L2 norm of the unscaled gradients at the last step that ran the
             statistics pre-pass (``max_grad_norm`` or ``skip_nonfinite``); NaN before.
+            float32, or float64 when a gradient is float64 (the dtype it is computed in).
         skipped_steps: number of steps skipped for nonfinite gradients (int64).
     """
 
@@ -172,7 +173,7 @@ class ALROptimizer(Optimizer):
             default = DEFAULT_HYPERGRAD_LR[hypergrad]
             hypergrad_lr = default[declaration.name] if isinstance(default, dict) else default
         _check_torch_flags(foreach=foreach, fused=fused, differentiable=differentiable)
-        if max_grad_norm is not None and not max_grad_norm > 0:
+        if max_grad_norm is not None and not 0 < max_grad_norm < math.inf:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         if isinstance(stats_group, str) and stats_group != "world":
             raise ValueError(f"Invalid stats_group: {stats_group!r}. Expected None, 'world' or a ProcessGroup")
@@ -215,6 +216,11 @@ class ALROptimizer(Optimizer):
         self._step_supports_amp_scaling = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):
+            # As torch does, but first: torch would only warn about duplicates.
+            param_group["params"] = params = list(params)
+            _check_distinct([p[1] if isinstance(p, tuple) else p for p in params])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -258,10 +264,20 @@ class ALROptimizer(Optimizer):
         # Ranks meet in the statistics' collectives, so under a reduction every group takes
         # part, also where this rank has no gradient in it (a ZeRO share can be empty).
         keep_empty = reduction is not None
-        works = [work for index, group in enumerate(self.param_groups) if (work := self._group_work(index, keep_empty))]
+        known = len(self.state)
+        try:
+            works = [work for index, group in enumerate(self.param_groups) if (work := self._group_work(index, keep_empty))]
+        except Exception:
+            # A step that fails validation writes nothing: not even the lazily created state
+            # of the groups before the failing one (dicts keep insertion order).
+            for p in list(self.state)[known:]:
+                del self.state[p]
+            raise
         if not works:
             return loss
-        telemetry = self._telemetry_on(works[0].kappa.device)
+        # The norm is float64 when a gradient is (reference.grad_stats_dtype), else float32.
+        float64 = any(bucket.dtype == torch.float64 for work in works for bucket in work.buckets)
+        telemetry = self._telemetry_on(works[0].kappa.device, torch.float64 if float64 else torch.float32)
         alr_step(
             works,
             grad_norm=telemetry["grad_norm"],
@@ -315,6 +331,11 @@ class ALROptimizer(Optimizer):
         """Load an alr or a ``torch.optim`` state dict (missing ALR state starts fresh)."""
         state_dict = dict(state_dict)
         telemetry = state_dict.pop(STATE_DICT_KEY, None)
+        # Everything is checked before anything is replaced.
+        device = self.param_groups[0]["params"][0].device
+        if telemetry is not None:
+            telemetry = _loaded_telemetry(telemetry, device)
+        check_loaded_state(state_dict.get("state", {}), state_dict.get("param_groups", []), self.algorithm)
         super().load_state_dict(state_dict)
         self._plans.invalidate()
         for group in self.param_groups:
@@ -324,8 +345,7 @@ class ALROptimizer(Optimizer):
         params = [(p, GroupHyper.from_group(g, self.algorithm)) for g in self.param_groups for p in g["params"]]
         restore_loaded_state(self.state, params, state_dict["state"], saved_ids)
         if telemetry is not None:
-            device = self.param_groups[0]["params"][0].device
-            self._telemetry = {k: v.to(device) for k, v in telemetry.items()}
+            self._telemetry = telemetry
 
     def _group_work(self, index: int, keep_empty: bool = False) -> GroupWork | None:
         """The share of this step of ``param_groups[index]``, from its cached plan while
@@ -367,10 +387,11 @@ class ALROptimizer(Optimizer):
         group[key] = value.to(device=device, dtype=STATS_DTYPE)
         return group[key]
 
-    def _telemetry_on(self, device: torch.device) -> dict[str, Tensor]:
+    def _telemetry_on(self, device: torch.device, norm_dtype: torch.dtype) -> dict[str, Tensor]:
         if self._telemetry is None:
             self._telemetry = _new_telemetry(device)
         self._telemetry = {k: v.to(device) for k, v in self._telemetry.items()}
+        self._telemetry["grad_norm"] = self._telemetry["grad_norm"].to(norm_dtype)
         return self._telemetry
 
 
@@ -379,6 +400,23 @@ def _new_telemetry(device: torch.device) -> dict[str, Tensor]:
         "grad_norm": torch.full((), math.nan, dtype=STATS_DTYPE, device=device),
         "skipped_steps": torch.zeros((), dtype=torch.int64, device=device),
     }
+
+
+def _loaded_telemetry(entry: Any, device: torch.device) -> dict[str, Tensor]:
+    """The state dict's ``alr`` entry as telemetry tensors on ``device``; raises, naming the
+    entry, when it lacks a key or holds something other than one number per key."""
+    fresh = _new_telemetry(device)
+    if not isinstance(entry, dict) or set(entry) != set(fresh):
+        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise ValueError(f"alr: the state dict's {STATE_DICT_KEY!r} entry must hold {sorted(fresh)}, got {keys}")
+    loaded = {}
+    for key, value in entry.items():
+        if not isinstance(value, (Tensor, int, float)) or isinstance(value, bool) or torch.as_tensor(value).numel() != 1:
+            raise ValueError(f"alr: the state dict's {STATE_DICT_KEY!r}[{key!r}] must be one number, got {value!r}")
+        # A float64 grad norm (of float64 gradients) stays float64.
+        dtype = torch.float64 if key == "grad_norm" and torch.as_tensor(value).dtype == torch.float64 else fresh[key].dtype
+        loaded[key] = torch.as_tensor(value).to(device=device, dtype=dtype).reshape(())
+    return loaded
 
 
 def _check_group(group: dict[str, Any], algorithm: str) -> None:
@@ -397,11 +435,13 @@ def _check_group(group: dict[str, Any], algorithm: str) -> None:
         raise ValueError(f"Invalid kappa bounds: [{group['kappa_min']}, {group['kappa_max']}]")
     if group["state_dtype"] is not None and group["state_dtype"] not in STATE_DTYPES:
         raise ValueError(f"Invalid state_dtype: {group['state_dtype']}. Expected None, torch.float32 or torch.bfloat16")
+    _check_finite(group, algorithm)
     backends.check_backend_name(group["backend"])
     if group["differentiable"]:
         raise RuntimeError("alr does not support differentiable=True: its fused step builds no autograd graph")
     if algorithm == "sgd" and group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    _check_distinct(group["params"])
     for p in group["params"]:
         if p.is_complex():
             raise TypeError(
@@ -411,6 +451,32 @@ def _check_group(group: dict[str, Any], algorithm: str) -> None:
             raise TypeError(f"alr can only optimize floating-point tensors, but got {p.dtype}")
         if group["backend"] != "auto":
             backends.check_device(group["backend"], p.device, p.dtype)
+
+
+ALR_FLOAT_OPTIONS = ("hypergrad_lr", "hypergrad_norm_decay", "kappa_min", "kappa_max")
+
+
+def _check_finite(group: dict[str, Any], algorithm: str) -> None:
+    """Every float hyper-parameter is finite: torch accepts ``momentum=nan`` or ``lr=inf``,
+    which turn the parameters (and here κ) into NaN within a step or two."""
+    names = ("lr", "weight_decay", *algorithm_of(algorithm).hyper_parameters, *ALR_FLOAT_OPTIONS)
+    for name in names:
+        value = group.get(name)
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"Invalid {name} value: {value}: alr takes finite hyper-parameters only")
+
+
+def _check_distinct(params: list[Tensor]) -> None:
+    """A param group lists each tensor once: twice, it would be stepped twice per step."""
+    first: dict[int, int] = {}
+    for position, p in enumerate(params):
+        seen = first.setdefault(id(p), position)
+        if seen != position:
+            raise ValueError(
+                f"alr: a param group lists the same tensor twice (params[{seen}] and params[{position}]); "
+                "pass each parameter once"
+            )
 
 
 def _check_torch_flags(*, foreach: bool | None, fused: bool | None, differentiable: bool) -> None:

@@ -8,15 +8,17 @@ declarations say which exist, their dtypes and how they start.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .algorithms import GroupHyper, StateStream
+from .algorithms import ALGORITHMS, GroupHyper, StateStream, algorithm_of
+from .validation import parameter_name
 
-__all__ = ["init_state", "restore_loaded_state"]
+__all__ = ["check_loaded_state", "init_state", "restore_loaded_state"]
 
 
 def init_state(state: dict[str, Any], p: Tensor, hyper: GroupHyper, rounding_key: Callable[[], int]) -> dict[str, Any]:
@@ -73,3 +75,35 @@ def restore_loaded_state(
             value = saved.get(stream.name)
             if isinstance(value, Tensor):
                 state[p][stream.name] = value.to(dtype=stream.dtype_for(p, hyper), device=p.device, copy=True)
+
+
+def check_loaded_state(saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]], public_name: str) -> None:
+    """Raise, before anything is loaded, for a state dict of another algorithm (a state key
+    that only another declaration has) or a step that is negative or not finite.
+
+    Args:
+        saved_state, saved_groups: the loaded state dict's ``state`` and ``param_groups``.
+        public_name: the optimizer's ``algorithm`` (``"adam"``, ``"adamw"``, ``"sgd"``).
+    """
+    own = {stream.name for stream in algorithm_of(public_name).streams}
+    foreign = {s.name: a.name for a in ALGORITHMS.values() for s in a.streams if s.name not in own}
+    for group_index, group in enumerate(saved_groups):
+        for position, saved_id in enumerate(group["params"]):
+            entry = saved_state.get(saved_id, {})
+            name = parameter_name(group, group_index, position)
+            if not isinstance(entry, dict):
+                raise ValueError(f"alr: the saved state of {name} is a {type(entry).__name__}, not a dict")
+            for key in entry:
+                if key in foreign:
+                    raise ValueError(
+                        f"alr: the saved state of {name} holds {key!r}, which {foreign[key]} keeps and "
+                        f"{public_name} does not: a state dict of another optimizer?"
+                    )
+            if "step" in entry:
+                step = entry["step"]
+                try:
+                    value = float(step)
+                except (TypeError, ValueError, RuntimeError):
+                    raise ValueError(f"alr: the saved step of {name} is not a number: {step!r}") from None
+                if not (math.isfinite(value) and value >= 0):
+                    raise ValueError(f"alr: the saved step of {name} is {value}; a step count is finite and >= 0")

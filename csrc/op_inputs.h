@@ -201,7 +201,10 @@ inline at::ScalarType check_state(const Hyper& h, TensorList params, TensorList 
   for (const auto& [list, name] : lists) {
     check_list(list, n, name);
   }
-  const at::ScalarType state_dtype = lists.empty() ? param_dtype : lists[0].first[0].scalar_type();
+  // Without state the variant's state dtype is nominal: the parameters', or with master
+  // copies float32 (16-bit parameters with masters have no variant with 16-bit state).
+  const at::ScalarType stateless_dtype = s.master_params.empty() ? param_dtype : at::kFloat;
+  const at::ScalarType state_dtype = lists.empty() ? stateless_dtype : lists[0].first[0].scalar_type();
   TORCH_CHECK(state_dtype == param_dtype || state_dtype == at::kFloat || state_dtype == at::kBFloat16,
               "alr: state tensors must have the parameters' dtype (", param_dtype, "), float32 or bfloat16, got ",
               state_dtype);
