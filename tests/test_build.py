@@ -9,6 +9,7 @@ passes under AddressSanitizer and UndefinedBehaviorSanitizer.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -156,18 +157,34 @@ def test_cmake_developer_build_compiles() -> None:
 @pytest.mark.slow
 @needs_cmake
 def test_native_tests_pass_under_sanitizers() -> None:
-    """csrc/tests on every kernel variant and instruction set this CPU runs, built with
-    ``-fsanitize=address,undefined`` (UBSan halts on the first error, see CMakeLists.txt)."""
+    """csrc/tests on every kernel variant and instruction set this CPU runs, and the ops'
+    input layer (tests/sanitized_ops.py: bad list lengths, shapes, dtypes, hyper and alphas;
+    0-size, 0-d, transposed, channels-last and master-copy inputs) through the ``_C`` module
+    itself, both built with ``-fsanitize=address,undefined`` (UBSan halts on the first
+    error, see CMakeLists.txt)."""
     build_dir = ROOT / "build" / "cmake-sanitize"
     python = f"-DPython_EXECUTABLE={sys.executable}"
     output = _run_all(
         [
             ["cmake", "-S", ROOT, "-B", build_dir, "-G", "Ninja", python, "-DALR_SANITIZE=ON"],
-            ["cmake", "--build", build_dir, "--target", "alr_native_tests"],
+            ["cmake", "--build", build_dir, "--target", "alr_native_tests", "_C"],
             ["ctest", "--test-dir", build_dir, "--output-on-failure"],
         ]
     )
     assert "100% tests passed" in output, output[-3000:]
+    # libstdc++ preloaded too: else ASan's __cxa_throw interceptor finds no real one to call
+    # when torch (uninstrumented) throws, and a TORCH_CHECK aborts the process.
+    preload = [
+        subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True, text=True, check=True).stdout.strip()
+        for lib in ("libasan.so", "libstdc++.so")
+    ]
+    env = dict(os.environ, LD_PRELOAD=" ".join(preload), ASAN_OPTIONS="detect_leaks=0")
+    ops = subprocess.run(
+        [sys.executable, ROOT / "tests" / "sanitized_ops.py", build_dir],
+        capture_output=True, text=True, check=False, env=env, timeout=600,
+    )  # fmt: skip
+    assert ops.returncode == 0, (ops.stdout + ops.stderr)[-6000:]
+    assert json.loads(ops.stdout.strip().splitlines()[-1]) == {"bad": 16, "good": 4}
 
 
 def test_import_and_step_without_extension_or_triton(tmp_path: Path) -> None:
