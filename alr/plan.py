@@ -15,7 +15,8 @@ from when it was built:
 * the optimizer's state: the ``state`` mapping object, its number of entries, or its
   version, which :meth:`PlanCache.invalidate` advances (``load_state_dict`` calls it); and
   for each stepped parameter its state dict (``opt.state[p] = {}``) and every tensor in it
-  (``opt.state[p]["exp_avg"] = t``), by identity.
+  (``opt.state[p]["exp_avg"] = t``), by identity, and those tensors' shapes and dtypes
+  (``t.data = ...``).
 
 Each step also checks that the parameters and gradients have the shapes, dtype, device and
 (dense) layout the plan was validated with; when they do not (a parameter resized or cast
@@ -47,27 +48,35 @@ from .validation import check_bucket, check_grads, parameter_name
 __all__ = ["PlanCache", "bucket_group"]
 
 
+_shape, _dtype, _layout = (operator.attrgetter(name) for name in ("shape", "dtype", "layout"))
+
+
 @dataclass
 class PlanSources:
     """What one bucket was built from, by identity: the group's parameters at its positions,
-    their state dicts and, per state key (``step`` and each stream), the dicts' values."""
+    their state dicts and, per state key (``step`` and each stream), the dicts' values, with
+    the shapes and dtypes those were validated with (a tensor's ``.data`` can be swapped)."""
 
     params: list[Tensor]
     entries: list[dict[str, Any]]
     values: dict[str, list[Any]]
+    kinds: dict[str, tuple[list[torch.Size], set[torch.dtype]]]
 
     def hold(self, state: dict[Tensor, dict[str, Any]]) -> bool:
-        """Whether ``state`` still holds these dicts and values (the same objects)."""
+        """Whether ``state`` still holds these dicts and values (the same objects, of the
+        same shapes and dtypes)."""
         entries = list(map(state.get, self.params))
         if any(map(operator.is_not, entries, self.entries)):
             return False
-        try:
-            return not any(
-                any(map(operator.is_not, map(operator.itemgetter(key), entries), values))
-                for key, values in self.values.items()
-            )
-        except KeyError:
-            return False
+        for key, values in self.values.items():
+            try:
+                if any(map(operator.is_not, map(operator.itemgetter(key), entries), values)):
+                    return False
+            except KeyError:
+                return False
+            if (list(map(_shape, values)), set(map(_dtype, values))) != self.kinds[key]:
+                return False
+        return True
 
 
 @dataclass
@@ -109,9 +118,6 @@ class GroupPlan:
         for bucket, bucket_grads in zip(self.buckets, fresh):
             bucket.grads = bucket_grads
         return True
-
-
-_shape, _dtype, _layout = (operator.attrgetter(name) for name in ("shape", "dtype", "layout"))
 
 
 class PlanCache:
@@ -171,8 +177,9 @@ class PlanCache:
 def _sources(bucket: Bucket, params: list[Tensor], state: dict[Tensor, dict[str, Any]]) -> PlanSources:
     origins = [params[i] for i in bucket.positions]
     entries = [state[p] for p in origins]
-    keys = ("step", *bucket.state)
-    return PlanSources(origins, entries, {key: [entry[key] for entry in entries] for key in keys})
+    values = {key: [entry[key] for entry in entries] for key in ("step", *bucket.state)}
+    kinds = {key: (list(map(_shape, v)), set(map(_dtype, v))) for key, v in values.items()}
+    return PlanSources(origins, entries, values, kinds)
 
 
 def bucket_group(

@@ -311,3 +311,27 @@ def test_bad_saved_step_is_rejected(step) -> None:
     saved["state"][1]["step"] = torch.tensor(step) if isinstance(step, float) else step
     with pytest.raises(ValueError, match=r"saved step of params\[1\] of param group 0"):
         opt.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("change", ["resized", "cast"])
+def test_state_tensor_data_swapped_by_hand_is_validated(any_backend, change: str) -> None:
+    """Item 2: ``opt.state[p]["exp_avg"].data = ...`` keeps the tensor object but changes its
+    shape or dtype: the next step validates it again instead of overrunning it."""
+    opt, params = _stepped(*any_backend)
+    exp_avg = opt.state[params[0]]["exp_avg"]
+    exp_avg.data = torch.zeros(5, device=exp_avg.device) if change == "resized" else exp_avg.data.half()
+    _fresh_grads(params)
+    with pytest.raises(RuntimeError, match=r"state 'exp_avg' of params\[0\] of param group 0 has"):
+        opt.step()
+
+
+def test_parameter_list_edited_in_place_is_followed() -> None:
+    """Item 2: ``param_groups[0]["params"][0] = q`` (the list object kept)."""
+    p, q = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    opt = alr.SGD([p], lr=1.0, backend="cpu")
+    p.grad = torch.ones(2)
+    opt.step()
+    opt.param_groups[0]["params"][0] = q
+    p.grad, q.grad = torch.ones(2), torch.ones(2)
+    opt.step()
+    assert p.tolist() == [0.0, 0.0] and q.tolist() == [0.0, 0.0]
