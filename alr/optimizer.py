@@ -264,14 +264,20 @@ class ALROptimizer(Optimizer):
         # Ranks meet in the statistics' collectives, so under a reduction every group takes
         # part, also where this rank has no gradient in it (a ZeRO share can be empty).
         keep_empty = reduction is not None
-        known = len(self.state)
+        started: list[Tensor] = []
+        group_keys = [set(group) for group in self.param_groups]  # κ and a are created lazily too
         try:
-            works = [work for index, group in enumerate(self.param_groups) if (work := self._group_work(index, keep_empty))]
+            works = [
+                work for index, group in enumerate(self.param_groups) if (work := self._group_work(index, keep_empty, started))
+            ]
         except Exception:
-            # A step that fails validation writes nothing: not even the lazily created state
-            # of the groups before the failing one (dicts keep insertion order).
-            for p in list(self.state)[known:]:
-                del self.state[p]
+            # A step that fails validation writes nothing: not even the state it started
+            # lazily for the groups before the failing one.
+            for p in started:
+                self.state.pop(p, None)
+            for group, keys in zip(self.param_groups, group_keys):
+                for key in set(group) - keys:
+                    del group[key]
             raise
         if not works:
             return loss
@@ -347,13 +353,15 @@ class ALROptimizer(Optimizer):
         if telemetry is not None:
             self._telemetry = telemetry
 
-    def _group_work(self, index: int, keep_empty: bool = False) -> GroupWork | None:
+    def _group_work(self, index: int, keep_empty: bool = False, started: list[Tensor] | None = None) -> GroupWork | None:
         """The share of this step of ``param_groups[index]``, from its cached plan while
         that holds (see :mod:`alr.plan`)."""
         group = self.param_groups[index]
         hyper = GroupHyper.from_group(group, self.algorithm)
         grads = local_grads(group["params"])
-        build = lambda: bucket_group(group, index, hyper, self.state, lambda position: self._rounding_key(group, position))
+        build = lambda: bucket_group(
+            group, index, hyper, self.state, lambda position: self._rounding_key(group, position), started
+        )
         buckets = self._plans.buckets(group, hyper, grads, self.state, build)
         if not buckets and not keep_empty:
             return None

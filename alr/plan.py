@@ -188,6 +188,7 @@ def bucket_group(
     hyper: GroupHyper,
     state: dict[Tensor, dict[str, Any]],
     rounding_key: Callable[[int], int],
+    started: list[Tensor] | None = None,
 ) -> list[Bucket]:
     """Lazily initialise the state of the group's parameters that have gradients, bucket
     them by (device, dtype) and validate every bucket.
@@ -195,6 +196,8 @@ def bucket_group(
     Args:
         state: the optimizer's ``state`` (a defaultdict of per-parameter dicts).
         rounding_key: the stochastic-rounding key of the parameter at a position.
+        started: receives the parameters whose state this call starts (so that a step that
+            fails validation can remove it again).
     """
     buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
     params = group["params"]
@@ -204,7 +207,12 @@ def bucket_group(
         if p.grad is None:
             continue
         if group["backend"] != "auto":
-            backends.check_device(group["backend"], p.device, p.dtype)
+            try:
+                backends.check_device(group["backend"], p.device, p.dtype)
+            except ValueError as error:
+                raise ValueError(f"alr: {names[position]}: {error}") from None
+        if started is not None and "step" not in state.get(p, {}):
+            started.append(p)
         p_state = init_state(state[p], p, hyper, lambda: rounding_key(position))
         # A DTensor (FSDP2) is stepped through its local shard, which shares its storage.
         local = local_tensor(p)
